@@ -1,0 +1,3 @@
+"""mindone-story: consistent story visualisation on SDXL in MindSpore (Ascend NPUs and CPUs)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""The device shim: every kernel choice that depends on the device lives here and nowhere else.
+
+On CPU, many ``mint`` ops have no kernel (Conv2d, LayerNorm, gelu, ...) and ``mint.nn.Linear`` runs at half the speed
+of MatMul + BiasAdd, so the CPU path uses the legacy ``ops`` primitives. On Ascend the ``mint`` kernels and the fused
+FlashAttentionScore are used. Parameter names are ``weight``/``bias`` so that model attribute paths equal the
+diffusers / transformers checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, mint, nn, ops
+from mindspore.common.initializer import initializer
+
+
+_ON_ASCEND = ms.get_context("device_target") == "Ascend"
+
+
+def set_device(target: str) -> None:
+    """Choose the device ("CPU" or "Ascend") before building models; the kernels are picked when cells are built
+    and, for the attention function, when graphs compile."""
+    global _ON_ASCEND
+    ms.set_context(device_target=target)
+    _ON_ASCEND = target == "Ascend"
+
+
+def on_ascend() -> bool:
+    return _ON_ASCEND
+
+
+def default_dtype() -> ms.Type:
+    """fp32 on CPU (bf16 has no CPU kernels, fp16 is no faster there); fp16 on Ascend."""
+    return ms.float16 if on_ascend() else ms.float32
+
+
+def _zeros(*shape: int) -> Parameter:
+    # Lazily initialised: building a full-size model allocates nothing until weights are loaded or it first runs.
+    # Every real use loads a checkpoint, and loading is strict, so no weight stays at its placeholder unnoticed.
+    return Parameter(initializer("zeros", shape, ms.float32))
+
+
+def _ones(*shape: int) -> Parameter:
+    return Parameter(initializer("ones", shape, ms.float32))
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b on inputs of any rank; MatMul + BiasAdd on 2-D views (twice mint.nn.Linear's speed on CPU)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _zeros(out_features, in_features)
+        self.bias = _zeros(out_features) if bias else None
+        self.has_bias = bias
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.ascend = on_ascend()
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.ascend:
+            return mint.nn.functional.linear(x, self.weight, self.bias)
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape(-1, self.in_features), self.weight)
+        if self.has_bias:
+            y = ops.bias_add(y, self.bias)
+        return y.reshape(lead + (self.out_features,))
+
+
+class Conv2d(nn.Cell):
+    """NCHW convolution. ``padding`` is an int or (top, bottom, left, right), which also covers the VAE's
+    asymmetric pad-then-stride-2 downsampling without a separate pad op (ConstantPadND has no CPU kernel)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0, bias=True):
+        super().__init__()
+        self.weight = _zeros(out_channels, in_channels, kernel_size, kernel_size)
+        self.bias = _zeros(out_channels) if bias else None
+        self.has_bias = bias
+        pad = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+        self.ascend = on_ascend() and pad[0] == pad[1] == pad[2] == pad[3]
+        self.stride, self.padding = stride, pad[0]
+        self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=pad, stride=stride)
+
+    def construct(self, x: Tensor) -> Tensor:
+        if self.ascend:
+            return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+        y = self.conv(x, self.weight)
+        if self.has_bias:
+            y = ops.bias_add(y, self.bias)
+        return y
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm over NCHW (or NC...) inputs, computed in fp32."""
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_groups, self.eps = num_groups, eps
+        self.weight = _ones(num_channels)
+        self.bias = _zeros(num_channels)
+
+    def construct(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
+        mean = h.mean(-1, keep_dims=True)
+        var = ops.square(h - mean).mean(-1, keep_dims=True)
+        h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape[0], shape[1], -1)
+        # bias_add broadcasts over axis 1 ten times faster than `x + b[:, None]` on CPU
+        h = ops.bias_add(h * self.weight.reshape(1, -1, 1), self.bias)
+        return h.reshape(shape).astype(dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis, computed in fp32 (LayerNormExt has no CPU kernel; the legacy primitive does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = _ones(dim)
+        self.bias = _zeros(dim)
+        self.norm = ops.LayerNorm(-1, -1, eps)
+
+    def construct(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        return self.norm(x.astype(ms.float32), self.weight, self.bias)[0].astype(dtype)
+
+
+class Embedding(nn.Cell):
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.weight = _zeros(num, dim)
+
+    def construct(self, ids: Tensor) -> Tensor:
+        return ops.gather(self.weight, ids, 0)
+
+
+def gelu(x: Tensor) -> Tensor:
+    """Exact (erf) GELU, as torch.nn.functional.gelu."""
+    return ops.gelu(x, approximate="none")
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    return x * ops.sigmoid(1.702 * x)
+
+
+def silu(x: Tensor) -> Tensor:
+    return ops.silu(x)
+
+
+def upsample_nearest2x(x: Tensor) -> Tensor:
+    b, c, h, w = x.shape
+    return ops.broadcast_to(x.reshape(b, c, h, 1, w, 1), (b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+
+
+def sinusoidal_frequencies(dim: int, max_period: float = 10000.0, shift: float = 0.0) -> Tensor:
+    """exp(-log(max_period) * i / (half - shift)) for i < dim/2, as a constant (Arange has no CPU kernel)."""
+    half = dim // 2
+    return Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / (half - shift)))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The one attention function: softmax(q k^T / sqrt(d) + mask) v on [batch, heads, seq, head_dim] tensors.
+
+    ``mask`` is additive (0 to keep, a large negative number to drop) and broadcasts to [B, H, Sq, Sk]. The softmax
+    runs in fp32. On Ascend this is one FlashAttentionScore call.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    if _ON_ASCEND:
+        return _flash_attention(q, k, v, mask, scale)
+    scores = ops.BatchMatMul(transpose_b=True)(q * scale, k)
+    if mask is not None:
+        scores = scores + mask
+    probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
+    return ops.BatchMatMul()(probs, v)
+
+
+def _flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    heads = q.shape[1]
+    drop = None
+    if mask is not None:
+        # FlashAttentionScore takes a boolean/uint8 mask where 1 means "masked out".
+        drop = ops.broadcast_to(mask, (q.shape[0], heads, q.shape[2], k.shape[2])) < -1.0
+        drop = drop.astype(ms.uint8)
+    return ops.flash_attention_score(
+        q, k, v, heads, attn_mask=drop, scalar_value=scale, input_layout="BNSD"
+    )
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """[B, S, H*D] -> [B, H, S, D]."""
+    b, s, c = x.shape
+    return x.reshape(b, s, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """[B, H, S, D] -> [B, S, H*D]."""
+    b, h, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
