@@ -1,0 +1,160 @@
+"""SDXL text-to-image: text encoding, latents, classifier-free guidance, the scheduler loop and VAE decoding.
+
+Only the networks run compiled (``mode="graph"``: each is wrapped once with ``ms.jit``, and input shapes are fixed
+per run so each graph compiles once); tokenisation, the scheduler and guidance stay plain Python, as in diffusers'
+StableDiffusionXLPipeline, whose numerics this follows step for step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import mindspore as ms
+import numpy as np
+from mindspore import Tensor
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ..pretrained import SDXLModels
+from .schedulers import make_scheduler
+
+# story(step_index, timestep) -> the tuple of tensors a story processor reads in the UNet, or None.
+StoryInputs = Callable[[int, float], "tuple | None"]
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning for a batch, the unconditional half first (diffusers' CFG order)."""
+
+    context: Tensor  # [2B, 77, C]: negative prompts, then prompts
+    pooled: Tensor  # [2B, P]
+
+    def select(self, indices: Sequence[int]) -> PromptEmbeds:
+        """Rows ``indices`` of both halves (indices into one half of size B)."""
+        half = self.context.shape[0] // 2
+        rows = Tensor(np.array(list(indices) + [half + i for i in indices], np.int32))
+        return PromptEmbeds(self.context[rows], self.pooled[rows])
+
+
+def _compiled(fn: Callable, mode: str) -> Callable:
+    if mode == "graph":
+        return ms.jit(fn)
+    if mode == "pynative":
+        return fn
+    raise ValueError(f"unknown mode {mode!r}; use 'graph' or 'pynative'")
+
+
+class SDXLPipeline:
+    def __init__(self, models: SDXLModels, mode: str = "graph", dtype: ms.Type = ms.float32):
+        self.models = models
+        self.mode = mode
+        self.dtype = dtype
+        self.vae_scale = models.vae.config.downscale
+        self._unet = _compiled(models.unet.construct, mode)
+        self._vae_decode = _compiled(models.vae.decode, mode)
+        self._text = [_compiled(enc.construct, mode) for enc in (models.text_encoder, models.text_encoder_2)]
+
+    # -- text ---------------------------------------------------------------------------------------------------
+    def _token_ids(self, tokenizer, prompts: Sequence[str]) -> Tensor:
+        ids = tokenizer(
+            list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True
+        ).input_ids
+        return Tensor(np.asarray(ids, np.int32))
+
+    def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """hidden_states[-2] of both encoders concatenated, and the bigG encoder's projected pooled output."""
+        hidden = []
+        pooled = None
+        for tokenizer, encode in zip((self.models.tokenizer, self.models.tokenizer_2), self._text):
+            _, penultimate, pooled = encode(self._token_ids(tokenizer, prompts))
+            hidden.append(penultimate)
+        return ms.ops.concat(hidden, -1).astype(self.dtype), pooled.astype(self.dtype)
+
+    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None) -> PromptEmbeds:
+        """Without negative prompts the unconditional half is zeros, as SDXL's force_zeros_for_empty_prompt does."""
+        if negative_prompts is None:
+            context, pooled = self._encode(list(prompts))
+            return PromptEmbeds(ms.ops.concat((ms.ops.zeros_like(context), context)),
+                                ms.ops.concat((ms.ops.zeros_like(pooled), pooled)))
+        if len(prompts) != len(negative_prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+        context, pooled = self._encode(list(negative_prompts) + list(prompts))
+        return PromptEmbeds(context, pooled)
+
+    # -- latents ------------------------------------------------------------------------------------------------
+    def check_size(self, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % 32:
+                raise ValueError(f"{name} must be a positive multiple of 32, got {value}")
+
+    def initial_noise(self, seed: int, batch: int, height: int, width: int) -> np.ndarray:
+        """Standard normal latents from a host-side generator, so PyNative and graph mode see the same noise."""
+        self.check_size(height, width)
+        shape = (batch, self.models.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
+        return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+    def time_ids(self, batch: int, height: int, width: int) -> Tensor:
+        # (original size, crop top-left, target size), the same for both CFG halves
+        return Tensor(np.tile(np.array([[height, width, 0, 0, height, width]], np.float32), (2 * batch, 1)))
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def denoise(
+        self,
+        noise: np.ndarray,
+        embeds: PromptEmbeds,
+        steps: int,
+        guidance_scale: float,
+        scheduler: str = "ddim",
+        story: StoryInputs | None = None,
+        seed: int = 0,
+        progress: bool = True,
+    ) -> Tensor:
+        """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents."""
+        sched = make_scheduler(scheduler, self.models.scheduler_config, steps)
+        batch, _, h, w = noise.shape
+        time_ids = self.time_ids(batch, h * self.vae_scale, w * self.vae_scale)
+        latents = Tensor(noise) * float(sched.init_noise_sigma)
+        generator = np.random.default_rng(seed + 1)  # ancestral samplers' noise, host-side
+        for i, t in enumerate(tqdm(sched.timesteps, desc="steps", leave=False, disable=not progress)):
+            model_in = sched.scale_model_input(ms.ops.concat((latents, latents)), t).astype(self.dtype)
+            timestep = Tensor(np.array([float(t)], np.float32))
+            extra = story(i, float(t)) if story is not None else None
+            pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra)
+            uncond, cond = ms.ops.split(pred.astype(ms.float32), batch, axis=0)
+            guided = uncond + guidance_scale * (cond - uncond)
+            latents = sched.step(guided, t, latents, **self._step_kwargs(sched, generator))[0]
+        return latents
+
+    @staticmethod
+    def _step_kwargs(sched, generator) -> dict:
+        return {"generator": generator} if "generator" in sched.step.__code__.co_varnames else {}
+
+    def decode_array(self, latents: Tensor) -> np.ndarray:
+        """Decoded images as float [B, H, W, 3] in [0, 1] (diffusers' output_type="np"). One image at a time, so
+        peak memory does not grow with the batch; the VAE runs in fp32 (the SDXL VAE overflows in fp16)."""
+        scale = self.models.vae.config.scaling_factor
+        out = [self._vae_decode((latents[i : i + 1] / scale).astype(ms.float32)).asnumpy() for i in range(latents.shape[0])]
+        return np.clip(np.concatenate(out) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
+
+    def decode(self, latents: Tensor) -> list[Image.Image]:
+        return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in self.decode_array(latents)]
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        negative_prompts: Sequence[str] | None = None,
+        height: int = 1024,
+        width: int = 1024,
+        steps: int = 50,
+        guidance_scale: float = 5.0,
+        seed: int = 0,
+        scheduler: str = "ddim",
+        noise: np.ndarray | None = None,
+    ) -> list[Image.Image]:
+        prompts = list(prompts)
+        embeds = self.encode_prompts(prompts, negative_prompts)
+        if noise is None:
+            noise = self.initial_noise(seed, len(prompts), height, width)
+        latents = self.denoise(noise, embeds, steps, guidance_scale, scheduler, seed=seed)
+        return self.decode(latents)

@@ -1,0 +1,152 @@
+"""Building our models from checkpoints: a diffusers folder, a single file, or the built-in tiny model.
+
+The built-in tiny model is a real diffusers-format folder (tiny configs, a small tokenizer, deterministic random
+weights in the real key layouts) written on first use under the cache directory, so every run on it goes through
+exactly the loading code that real checkpoints use, with no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mindspore as ms
+import numpy as np
+
+from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
+from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
+from .models.load import load_state, parameter_shapes
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
+
+TINY_VERSION = 1  # bump when the tiny presets or the weight recipe change, so caches are rebuilt
+
+
+@dataclass
+class SDXLModels:
+    unet: UNet
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModel
+    tokenizer: Any
+    tokenizer_2: Any
+    scheduler_config: dict[str, Any]
+    fingerprint: str
+    ignored: dict[str, list[str]] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MINDONE_STORY_CACHE", Path.home() / ".cache" / "mindone_story"))
+
+
+# -- building and loading -----------------------------------------------------------------------------------------
+def build_component(name: str, config: dict[str, Any]):
+    """An uninitialised model for a component, from its config dict."""
+    if name == "unet":
+        return UNet(UNetConfig.from_dict(config))
+    if name == "vae":
+        return AutoencoderKL(VAEConfig.from_dict(config))
+    if name in ("text_encoder", "text_encoder_2"):
+        return CLIPTextModel(CLIPTextConfig.from_dict(config))
+    if name == "image_encoder":
+        return CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
+    raise ValueError(f"unknown component {name!r}")
+
+
+def load_component(name: str, config: dict[str, Any], state: Mapping[str, np.ndarray], source: str,
+                   dtype: ms.Type | None = None):
+    model = build_component(name, config)
+    ignored = load_state(model, state, source, dtype)
+    model.set_train(False)
+    return model, ignored
+
+
+def _tokenizer(folder: Path):
+    from transformers import CLIPTokenizer  # plain-Python tokenizer; imported here to keep start-up light
+
+    if not (folder / "vocab.json").exists():
+        raise FileNotFoundError(f"tokenizer files missing: expected vocab.json and merges.txt in {folder}")
+    return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLModels:
+    """Load SDXL from a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
+    scheduler/) or a single checkpoint file. The UNet and text encoders take ``dtype``; the VAE stays fp32."""
+    from .weights.layouts import read_sdxl
+
+    path = Path(path)
+    checkpoint = read_sdxl(path)
+    configs = checkpoint.configs
+    models, ignored = {}, {}
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        part_dtype = ms.float32 if name == "vae" else dtype
+        models[name], ignored[name] = load_component(name, configs[name], checkpoint.weights[name],
+                                                      f"{path} ({name})", part_dtype)
+    tokenizer_root = checkpoint.tokenizer_root
+    return SDXLModels(
+        tokenizer=_tokenizer(tokenizer_root / "tokenizer"),
+        tokenizer_2=_tokenizer(tokenizer_root / "tokenizer_2"),
+        scheduler_config=configs["scheduler"],
+        fingerprint=checkpoint.fingerprint,
+        ignored=ignored,
+        **models,
+    )
+
+
+# -- the built-in tiny model --------------------------------------------------------------------------------------
+def random_weights(shapes: Mapping[str, tuple[int, ...]], seed_text: str) -> dict[str, np.ndarray]:
+    """Deterministic random weights: each tensor seeded by its own name, scaled like a trained network
+    (fan-in for matrices and kernels, ones/zeros for norms, 0.02 for embeddings)."""
+    out = {}
+    for key, shape in shapes.items():
+        seed = int.from_bytes(hashlib.sha256(f"{seed_text}:{key}".encode()).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+        if key.endswith("bias"):
+            value = 0.02 * rng.standard_normal(shape)
+        elif len(shape) == 1:  # norm scales and the CLIP class embedding
+            value = 1.0 + 0.02 * rng.standard_normal(shape)
+        elif "embedding" in key and len(shape) == 2:
+            value = 0.02 * rng.standard_normal(shape)
+        else:
+            value = rng.standard_normal(shape) / np.sqrt(int(np.prod(shape[1:])))
+        out[key] = value.astype(np.float32)
+    return out
+
+
+def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The built-in tiny SDXL (+ tiny image encoder) as a diffusers folder, written atomically on first use."""
+    from .weights.safetensors_io import save_safetensors
+
+    target = Path(cache_dir or default_cache_dir()) / f"tiny-sdxl-v{TINY_VERSION}"
+    if (target / "model_index.json").exists():
+        return target
+    presets = preset_dir("tiny")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    try:
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder"):
+            (staging / name).mkdir()
+            shutil.copy(presets / name / "config.json", staging / name / "config.json")
+            config = json.loads((presets / name / "config.json").read_text())
+            weights = random_weights(parameter_shapes(build_component(name, config)), f"tiny-v{TINY_VERSION}:{name}")
+            filename = "diffusion_pytorch_model.safetensors" if name in ("unet", "vae") else "model.safetensors"
+            save_safetensors(weights, staging / name / filename)
+        for name in ("tokenizer", "tokenizer_2", "scheduler"):
+            shutil.copytree(presets / name, staging / name)
+        index = {"_class_name": "StableDiffusionXLPipeline", "_mindone_story_tiny": TINY_VERSION}
+        (staging / "model_index.json").write_text(json.dumps(index, indent=2))
+        try:
+            os.replace(staging, target)
+        except OSError:  # another process finished first
+            if not (target / "model_index.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
