@@ -83,3 +83,14 @@ def test_compiled_unet_follows_tensor_inputs(unet, io):
     second = step(*args).asnumpy()
     assert rel_err(second, first) > 1e-2
     assert rel_err(second, unet(*args).asnumpy()) < TOL
+
+
+@pytest.mark.parametrize("size", [224, 32])
+def test_clip_preprocessing(io, size):
+    """IP-Adapter's CLIPImageProcessor: shortest side bicubic, centre crop, CLIP mean/std (a non-square image)."""
+    from PIL import Image
+
+    from mindone_story.models.clip_preprocess import clip_preprocess
+
+    image = Image.open(TINY_SDXL / "test_image.png")
+    assert rel_err(clip_preprocess([image], size), io[f"pre.pixel_values_{size}"]) < 1e-6
