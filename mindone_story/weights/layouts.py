@@ -220,8 +220,10 @@ class SDXLCheckpoint(Mapping[str, L.MappedWeights]):
         configs: dict[str, dict[str, Any]],
         files: list[Path],
         tokenizer_root: Path,
+        layout: str = "",
     ):
         self.weights, self.configs, self.files, self.tokenizer_root = weights, configs, files, tokenizer_root
+        self.layout = layout  # "diffusers folder" or "sgm single file"
         self._fingerprint: str | None = None
 
     def __getitem__(self, component: str) -> L.MappedWeights:
@@ -277,7 +279,8 @@ def read_sdxl(
         sched if sched.is_file() else PRESETS / "sdxl" / "scheduler" / "scheduler_config.json"
     )
     files = sorted({f for w in weights.values() for f in _files_of(w._source)})
-    return SDXLCheckpoint(weights, all_configs, files, root)
+    layout = "diffusers folder" if path.is_dir() else "sgm single file"
+    return SDXLCheckpoint(weights, all_configs, files, root, layout)
 
 
 # ---- image encoder and IP-Adapter -------------------------------------------------------------------------------
