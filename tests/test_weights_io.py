@@ -76,6 +76,7 @@ def test_bf16_read_and_round():
     r = bf16_bits_to_f32(f32_to_bf16_bits(x))
     assert r[0] == 1.0 and r[1] == 1.0 + 2**-7 and r[2] == 1.0 + 4 * 2**-8 and np.isnan(r[3])
     assert np.signbit(r[4])
+    assert f32_to_bf16_bits(np.float32(1.5)).shape == () and f32_to_bf16_bits(np.ones((2, 0))).shape == (2, 0)
 
 
 def test_bf16_rounding_matches_torch():

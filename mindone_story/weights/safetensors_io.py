@@ -110,11 +110,23 @@ def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> BF16 bits with round-to-nearest-even (as torch does); NaN stays NaN."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded).astype(np.uint16)
+def f32_to_bf16_bits(x: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+    """float32 -> BF16 bits with round-to-nearest-even (as torch does); NaN stays NaN. Works in chunks so the
+    uint32 temporaries stay small even for the 63M-element token embedding."""
+    x = np.asarray(x, dtype=np.float32)
+    x = x if x.flags.c_contiguous else x.copy(order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+    out = np.empty(x.shape, np.uint16)
+    src, dst = x.reshape(-1), out.reshape(-1)
+    for i in range(0, src.size, chunk):
+        part = src[i : i + chunk]
+        u = part.view(np.uint32)
+        r = (u >> 16) & 1
+        r += 0x7FFF
+        r += u  # wraps only for NaNs with the sign bit set, which are replaced below
+        r >>= 16
+        dst[i : i + chunk] = r
+        dst[i : i + chunk][np.isnan(part)] = 0x7FC0
+    return out
 
 
 def _decode(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
