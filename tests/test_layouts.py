@@ -348,3 +348,17 @@ def test_ip_adapter_for_another_unet_size():
         read_ip_adapter(LAYOUTS / "ip_adapter_micro.safetensors")
     with pytest.raises(LayoutError, match="not an IP-Adapter"):
         read_ip_adapter(LAYOUTS / "sgm_micro.safetensors", MICRO["unet"])
+
+
+def test_sgm_file_drives_our_unet_like_diffusers():
+    """End to end: the micro sgm file through our readers into our MindSpore UNet gives the diffusers UNet's output
+    (ip_adapter_unet_io.npz "noip.out": diffusers' conversion of the same file, fp32)."""
+    ms = pytest.importorskip("mindspore")
+    from mindone_story.pretrained import load_component
+
+    weights = read_sdxl(LAYOUTS / "sgm_micro.safetensors", configs=MICRO)["unet"]
+    unet, _ = load_component("unet", weights.config, weights, "sgm_micro", ms.float32)
+    io = dict(np.load(LAYOUTS / "ip_adapter_unet_io.npz"))
+    args = [ms.Tensor(io[k]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
+    out = unet(*args).asnumpy()
+    assert np.abs(out - io["noip.out"]).max() / np.abs(io["noip.out"]).max() < 1e-5

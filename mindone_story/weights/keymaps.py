@@ -245,7 +245,7 @@ def ip_adapter_key_fn(modules: Sequence[str]) -> KeyFn:
 # ---- the strict plan ------------------------------------------------------------------------------------------
 
 
-def _listing(title: str, items: list[str]) -> str:
+def listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): " + ", ".join(items[:10]) + (", ..." if len(items) > 10 else "")
 
 
@@ -311,7 +311,7 @@ def plan(
                 rules[target] = (src, op, got)
     missing = [k for k in expected if k not in rules and k not in mis_shaped]
     problems = [
-        _listing(title, items)
+        listing(title, items)
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),

@@ -152,7 +152,7 @@ def map_single_file(source: L.LazySource, configs: dict[str, dict[str, Any]], pa
     extras = [(k, L.known_extra(k)) for k in rest if L.known_extra(k)]
     unknown = [k for k in rest if not L.known_extra(k)]
     if unknown:
-        raise L.LayoutError(f"{path}: " + L._listing("unexpected keys outside the four components", unknown))
+        raise L.LayoutError(f"{path}: " + L.listing("unexpected keys outside the four components", unknown))
     out["unet"].ignored += extras  # file-level extras (denoiser.sigmas) are reported with the UNet
     return out
 
