@@ -72,28 +72,34 @@ def _tokenizer(folder: Path):
     from transformers import CLIPTokenizer  # plain-Python tokenizer; imported here to keep start-up light
 
     if not (folder / "vocab.json").exists():
-        raise FileNotFoundError(f"tokenizer files missing: expected vocab.json and merges.txt in {folder}")
+        raise FileNotFoundError(
+            f"tokenizer files missing: expected vocab.json and merges.txt in {folder}. A single-file checkpoint "
+            "carries no tokenizer: copy the tokenizer/ and tokenizer_2/ folders of the SDXL base repository "
+            "(stabilityai/stable-diffusion-xl-base-1.0) beside the file."
+        )
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
 def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLModels:
     """Load SDXL from a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
-    scheduler/) or a single checkpoint file. The UNet and text encoders take ``dtype``; the VAE stays fp32."""
-    from .weights.layouts import read_sdxl
+    scheduler/) or a single checkpoint file (tokenizers from ``tokenizer``/``tokenizer_2`` folders beside it).
+    The UNet and text encoders take ``dtype``; the VAE stays fp32 (the SDXL VAE overflows in fp16)."""
+    from .weights import read_sdxl
 
-    path = Path(path)
     checkpoint = read_sdxl(path)
-    configs = checkpoint.configs
     models, ignored = {}, {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         part_dtype = ms.float32 if name == "vae" else dtype
-        models[name], ignored[name] = load_component(name, configs[name], checkpoint.weights[name],
-                                                      f"{path} ({name})", part_dtype)
-    tokenizer_root = checkpoint.tokenizer_root
+        models[name], ignored[name] = load_component(
+            name, checkpoint.configs[name], checkpoint[name], f"{path} ({name})", part_dtype
+        )
+    root = Path(checkpoint.tokenizer_root)
+    if not (root / "tokenizer" / "vocab.json").exists() and not Path(path).is_dir():
+        root = Path(path).parent
     return SDXLModels(
-        tokenizer=_tokenizer(tokenizer_root / "tokenizer"),
-        tokenizer_2=_tokenizer(tokenizer_root / "tokenizer_2"),
-        scheduler_config=configs["scheduler"],
+        tokenizer=_tokenizer(root / "tokenizer"),
+        tokenizer_2=_tokenizer(root / "tokenizer_2"),
+        scheduler_config=checkpoint.configs["scheduler"],
         fingerprint=checkpoint.fingerprint,
         ignored=ignored,
         **models,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import mindspore as ms
 import numpy as np
@@ -19,8 +20,14 @@ from tqdm.auto import tqdm
 from ..pretrained import SDXLModels
 from .schedulers import make_scheduler
 
-# story(step_index, timestep) -> the tuple of tensors a story processor reads in the UNet, or None.
-StoryInputs = Callable[[int, float], "tuple | None"]
+
+class StoryControl(Protocol):
+    """Per-step story inputs of a UNet call (a tuple of tensors its attention processors read), and what to do
+    with the call's side outputs once it has run."""
+
+    def inputs(self, step: int) -> tuple: ...
+
+    def collect(self, step: int) -> None: ...
 
 
 @dataclass
@@ -106,7 +113,7 @@ class SDXLPipeline:
         steps: int,
         guidance_scale: float,
         scheduler: str = "ddim",
-        story: StoryInputs | None = None,
+        story: StoryControl | None = None,
         seed: int = 0,
         progress: bool = True,
     ) -> Tensor:
@@ -119,8 +126,10 @@ class SDXLPipeline:
         for i, t in enumerate(tqdm(sched.timesteps, desc="steps", leave=False, disable=not progress)):
             model_in = sched.scale_model_input(ms.ops.concat((latents, latents)), t).astype(self.dtype)
             timestep = Tensor(np.array([float(t)], np.float32))
-            extra = story(i, float(t)) if story is not None else None
+            extra = story.inputs(i) if story is not None else None
             pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra)
+            if story is not None:
+                story.collect(i)
             uncond, cond = ms.ops.split(pred.astype(ms.float32), batch, axis=0)
             guided = uncond + guidance_scale * (cond - uncond)
             latents = sched.step(guided, t, latents, **self._step_kwargs(sched, generator))[0]
