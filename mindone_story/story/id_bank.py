@@ -1,0 +1,150 @@
+"""The host side of consistent self-attention: random draws, the id bank, and the per-step story tensors.
+
+A *phase* is one sampler run over a batch of images: a write phase generates id images of one character (all of
+them, or a window of them), a read phase generates later panels. Before a phase every random draw is made on the
+host (token masks per step and image, one gate number per step and layer), so tensor shapes are known up front and
+the compiled UNet is built once per phase. After each UNet call, :meth:`Phase.collect` moves the captured sampled
+hidden states into the bank.
+
+Memory: the bank holds, per character, step and layer, the sampled tokens of that character's id images only, so
+it is bounded by id_length, never by the story's length. Read panels can run in batches of any size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .consistent import ConsistentSelfAttention, StoryTensors, gates_from_draws, padded, set_capture_shapes
+
+
+@dataclass
+class Draws:
+    """All random draws of a phase: ``masks[level]`` bool [steps, n, tokens], ``gates`` float [steps, layers]."""
+
+    masks: list[np.ndarray]
+    gates: np.ndarray
+
+    @classmethod
+    def sample(cls, rng: np.random.Generator, steps: int, n: int, tokens: Sequence[int], rates: Sequence[float],
+               layers: int) -> Draws:
+        masks = [rng.random((steps, n, t)) < rate for t, rate in zip(tokens, rates)]
+        return cls(masks, rng.random((steps, layers)))
+
+
+@dataclass
+class IdBank:
+    """``tokens[character][step][layer]`` is a list over that character's id images of [2, count, C] arrays."""
+
+    tokens: dict[str, dict[int, list[list[np.ndarray]]]] = field(default_factory=dict)
+
+    def images(self, character: str, step: int, layer: int) -> list[np.ndarray]:
+        try:
+            return self.tokens[character][step][layer]
+        except KeyError:
+            raise KeyError(f"no id bank for character {character!r} at step {step}; generate its id panels first")
+
+    def add(self, character: str, step: int, layer: int, images: list[np.ndarray]) -> None:
+        self.tokens.setdefault(character, {}).setdefault(step, {}).setdefault(layer, []).extend(images)
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for steps in self.tokens.values() for layers in steps.values()
+                   for images in layers.values() for a in images)
+
+
+def sample_width(tokens: int, rate: float, sigmas: float = 6.0) -> int:
+    """A fixed upper bound on one image's Bernoulli(rate) token count: mean + 6 sigma, at most ``tokens``. Fixed
+    widths keep tensor shapes equal across phases and characters, so the UNet compiles once per batch size."""
+    mean, sd = tokens * rate, (tokens * rate * (1.0 - rate)) ** 0.5
+    return max(1, min(tokens, int(np.ceil(mean + sigmas * sd))))
+
+
+class Phase:
+    """The story inputs of one sampler run; call ``inputs(step)`` before and ``collect(step)`` after each UNet call."""
+
+    def __init__(self, processors: list[ConsistentSelfAttention], tokens: Sequence[int], rates: Sequence[float],
+                 draws: Draws, bank: IdBank, write_as: str | None, reads: Sequence[Sequence[str]],
+                 bank_images: int | None = None):
+        """``write_as``: the character whose id images this batch is (write mode: each image also attends to the
+        others' sampled tokens, and the sampled tokens go to the bank), or None (read mode). ``reads[i]``: the
+        characters whose banked tokens image ``i`` attends to. ``bank_images``: how many banked images the pool
+        holds at most (default: exactly what this phase reads), so that all read batches of a story share shapes."""
+        self.processors, self.tokens, self.draws, self.bank = processors, list(tokens), draws, bank
+        self.n, self.write_as = len(reads), write_as
+        self.reads = [list(chars) for chars in reads]
+        self.chars = sorted({c for chars in self.reads for c in chars})
+        self.counts = [m.sum(-1) for m in draws.masks]  # [steps, n] per level
+        self.sample_width = [sample_width(t, r) for t, r in zip(tokens, rates)]
+        images = bank_images if bank_images is not None else self._banked_images()
+        self.bank_width = [max(1, images * w) for w in self.sample_width]
+        peers = (self.n - 1) * np.array(self.sample_width) if write_as else np.zeros(len(tokens), int)
+        self.gather_width = [max(1, int(p) + b) for p, b in zip(peers, self.bank_width)]
+        for level, counts in enumerate(self.counts):
+            if counts.size and counts.max() > self.sample_width[level]:
+                raise ValueError(f"a token draw of {counts.max()} exceeds the fixed width {self.sample_width[level]}")
+        set_capture_shapes(processors, [self.n * w for w in self.sample_width] if write_as else [1] * len(tokens))
+
+    def _banked_images(self) -> int:
+        if not self.chars:
+            return 0
+        layer = self.processors[0].layer
+        return sum(len(self.bank.images(c, 0, layer)) for c in self.chars)
+
+    def _bank_segments(self, chars: Sequence[str], step: int, layer: int) -> list[int]:
+        return [a.shape[1] for c in chars for a in self.bank.images(c, step, layer)]
+
+    def _first_layer(self, level: int) -> int:
+        return next(p.layer for p in self.processors if p.level == level)
+
+    # -- per step -----------------------------------------------------------------------------------------------
+    def _rows(self, level: int, step: int) -> list[np.ndarray]:
+        """Pool positions each image gathers: other images' sampled tokens (write), then its banks' tokens."""
+        n, tokens = self.n, self.tokens[level]
+        mask = self.draws.masks[level][step]
+        layer = self._first_layer(level)
+        offsets, start = {}, n * tokens
+        for c in self.chars:
+            sizes = self._bank_segments([c], step, layer)
+            offsets[c] = np.arange(start, start + sum(sizes))
+            start += sum(sizes)
+        rows = []
+        for i in range(n):
+            parts = [j * tokens + np.flatnonzero(mask[j]) for j in range(n) if j != i] if self.write_as else []
+            parts += [offsets[c] for c in self.reads[i]]
+            rows.append(np.concatenate(parts) if parts else np.zeros(0, np.int64))
+        return rows
+
+    def inputs(self, step: int) -> tuple:
+        levels = range(len(self.tokens))
+        index, valid = zip(*(padded(self._rows(lv, step), self.gather_width[lv]) for lv in levels))
+        capture = []
+        for lv in levels:
+            if self.write_as is None:
+                capture.append(np.zeros(1, np.int64))
+                continue
+            rows = [i * self.tokens[lv] + np.flatnonzero(self.draws.masks[lv][step][i]) for i in range(self.n)]
+            capture.append(padded(rows, self.sample_width[lv])[0].reshape(-1))
+        banks = []
+        for proc in self.processors:
+            bank = np.zeros((2, self.bank_width[proc.level], proc.capture.shape[-1]), np.float32)
+            if self.chars:
+                joined = np.concatenate([a for c in self.chars for a in self.bank.images(c, step, proc.layer)], 1)
+                if joined.shape[1] > bank.shape[1]:
+                    raise ValueError(f"{joined.shape[1]} banked tokens exceed the pool width {bank.shape[1]}")
+                bank[:, : joined.shape[1]] = joined
+            banks.append(bank)
+        gates = gates_from_draws(step, self.draws.gates[step])
+        return StoryTensors(gates, banks, list(index), list(valid), capture).as_tuple()
+
+    def collect(self, step: int) -> None:
+        """Move this step's captured sampled hidden states into the bank (write phases only)."""
+        if self.write_as is None:
+            return
+        for proc in self.processors:
+            captured = proc.capture.asnumpy()
+            width = self.sample_width[proc.level]
+            counts = self.counts[proc.level][step]
+            images = [captured[:, i * width : i * width + counts[i]].copy() for i in range(self.n)]
+            self.bank.add(self.write_as, step, proc.layer, images)
