@@ -15,7 +15,6 @@ import numpy as np
 from mindspore import Parameter, Tensor, mint, nn, ops
 from mindspore.common.initializer import initializer
 
-
 _ON_ASCEND = ms.get_context("device_target") == "Ascend"
 
 
@@ -181,9 +180,7 @@ def _flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale
         # FlashAttentionScore takes a boolean/uint8 mask where 1 means "masked out".
         drop = ops.broadcast_to(mask, (q.shape[0], heads, q.shape[2], k.shape[2])) < -1.0
         drop = drop.astype(ms.uint8)
-    return ops.flash_attention_score(
-        q, k, v, heads, attn_mask=drop, scalar_value=scale, input_layout="BNSD"
-    )
+    return ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=scale, input_layout="BNSD")
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

@@ -40,7 +40,9 @@ def unet():
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", ["unet", "unet2"])
 def test_unet(unet, io, mode, case):
-    args = [Tensor(io[f"{case}.{k}"]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
+    args = [
+        Tensor(io[f"{case}.{k}"]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+    ]
     out = _run(unet.construct, mode)(*args).asnumpy()
     assert rel_err(out, io[f"{case}.out"]) < TOL
 
@@ -56,7 +58,9 @@ def test_vae(io, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name,prefix,pooled", [("text_encoder", "te", "pooler_output"), ("text_encoder_2", "te2", "text_embeds")])
+@pytest.mark.parametrize(
+    "name,prefix,pooled", [("text_encoder", "te", "pooler_output"), ("text_encoder_2", "te2", "text_embeds")]
+)
 def test_text_encoders(io, mode, name, prefix, pooled):
     model = _load(name)
     last, penultimate, pool = _run(model.construct, mode)(Tensor(io[f"{prefix}.input_ids"].astype(np.int32)))

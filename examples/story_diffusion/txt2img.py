@@ -1,7 +1,7 @@
 """Plain SDXL text-to-image with mindone-story's MindSpore SDXL stack.
 
-    python examples/story_diffusion/txt2img.py --model tiny --prompt "a man with a black suit" --output_dir outputs
-    python examples/story_diffusion/txt2img.py --model /path/to/RealVisXL_V4.0 --height 1024 --width 1024
+python examples/story_diffusion/txt2img.py --model tiny --prompt "a man with a black suit" --output_dir outputs
+python examples/story_diffusion/txt2img.py --model /path/to/RealVisXL_V4.0 --height 1024 --width 1024
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import mindspore as ms
 
-from mindone_story.pipelines.sdxl import SDXLPipeline
 from mindone_story.pipelines.schedulers import SCHEDULERS
+from mindone_story.pipelines.sdxl import SDXLPipeline
 from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
 
@@ -60,9 +60,19 @@ def main(argv=None) -> int:
         tmp = out / f".image_{i:02d}.png.tmp"
         image.save(tmp, format="PNG")
         os.replace(tmp, out / f"image_{i:02d}.png")
-    record = {"prompts": prompts, "negative_prompt": args.negative_prompt, "height": height, "width": width,
-              "steps": steps, "guidance_scale": args.guidance_scale, "scheduler": args.scheduler, "seed": args.seed,
-              "model": str(args.model), "model_fingerprint": models.fingerprint, "seconds": round(time.time() - start, 2)}
+    record = {
+        "prompts": prompts,
+        "negative_prompt": args.negative_prompt,
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "guidance_scale": args.guidance_scale,
+        "scheduler": args.scheduler,
+        "seed": args.seed,
+        "model": str(args.model),
+        "model_fingerprint": models.fingerprint,
+        "seconds": round(time.time() - start, 2),
+    }
     (out / "txt2img.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {len(images)} image(s) to {out}")
     return 0

@@ -62,7 +62,9 @@ class CLIPEncoder(nn.Cell):
         super().__init__()
         self.layers = nn.CellList(
             [
-                CLIPEncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps)
+                CLIPEncoderLayer(
+                    cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act, cfg.layer_norm_eps
+                )
                 for _ in range(cfg.num_hidden_layers)
             ]
         )
@@ -102,7 +104,9 @@ class CLIPTextTransformer(nn.Cell):
         mask = self.causal_mask[:seq, :seq].astype(x.dtype)
         last, penultimate = self.encoder(x, mask)
         last = self.final_layer_norm(last)
-        pooled = ops.gather_d(last, 1, self._eos_index(ids).reshape(-1, 1, 1).broadcast_to((ids.shape[0], 1, last.shape[2])))
+        pooled = ops.gather_d(
+            last, 1, self._eos_index(ids).reshape(-1, 1, 1).broadcast_to((ids.shape[0], 1, last.shape[2]))
+        )
         return last, penultimate, pooled.squeeze(1)
 
     def _eos_index(self, ids: Tensor) -> Tensor:
@@ -135,7 +139,9 @@ class CLIPVisionEmbeddings(nn.Cell):
         super().__init__()
         self.patch = cfg.patch_size
         self.class_embedding = ms.Parameter(initializer("zeros", (cfg.hidden_size,), ms.float32))
-        self.patch_embedding = Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False)
+        self.patch_embedding = Conv2d(
+            cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size, bias=False
+        )
         self.position_embedding = Embedding((cfg.image_size // cfg.patch_size) ** 2 + 1, cfg.hidden_size)
 
     def construct(self, pixels: Tensor) -> Tensor:

@@ -74,5 +74,3 @@ def _shapes(state: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     if callable(shape_of):  # lazy readers expose shapes without reading the data
         return {k: tuple(shape_of(k)) for k in state}
     return {k: tuple(np.shape(v)) for k, v in state.items()}
-
-

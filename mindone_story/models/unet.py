@@ -80,11 +80,15 @@ class DownBlock(nn.Cell):
         super().__init__()
         temb, g = cfg.block_out_channels[0] * 4, cfg.norm_num_groups
         n = cfg.layers_per_block
-        self.resnets = nn.CellList([ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, g, cfg.norm_eps) for i in range(n)])
+        self.resnets = nn.CellList(
+            [ResnetBlock2D(in_ch if i == 0 else out_ch, out_ch, temb, g, cfg.norm_eps) for i in range(n)]
+        )
         cross = cfg.down_block_types[index].startswith("CrossAttn")
         depth, heads = cfg.transformer_layers_per_block[index], cfg.heads[index]
         self.attentions = (
-            nn.CellList([Transformer2D(out_ch, heads, depth, cfg.cross_attention_dim, g) for _ in range(n)]) if cross else None
+            nn.CellList([Transformer2D(out_ch, heads, depth, cfg.cross_attention_dim, g) for _ in range(n)])
+            if cross
+            else None
         )
         self.downsamplers = None if last else nn.CellList([Downsample2D(out_ch, cfg.downsample_padding)])
 
@@ -117,7 +121,9 @@ class UpBlock(nn.Cell):
         cross = cfg.up_block_types[index].startswith("CrossAttn")
         depth, heads = cfg.transformer_layers_per_block[rev], cfg.heads[rev]
         self.attentions = (
-            nn.CellList([Transformer2D(out_ch, heads, depth, cfg.cross_attention_dim, g) for _ in range(n)]) if cross else None
+            nn.CellList([Transformer2D(out_ch, heads, depth, cfg.cross_attention_dim, g) for _ in range(n)])
+            if cross
+            else None
         )
         self.upsamplers = None if last else nn.CellList([Upsample2D(out_ch)])
 
@@ -164,9 +170,7 @@ class UNet(nn.Cell):
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
 
         last = len(ch) - 1
-        self.down_blocks = nn.CellList(
-            [DownBlock(cfg, ch[max(i - 1, 0)], ch[i], i, i == last) for i in range(len(ch))]
-        )
+        self.down_blocks = nn.CellList([DownBlock(cfg, ch[max(i - 1, 0)], ch[i], i, i == last) for i in range(len(ch))])
         self.mid_block = MidBlock(cfg)
         rev = list(reversed(ch))
         self.up_blocks = nn.CellList(

@@ -59,7 +59,10 @@ class Encoder(nn.Cell):
         self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         last = len(ch) - 1
         self.down_blocks = nn.CellList(
-            [_Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, None if i == last else "down") for i in range(len(ch))]
+            [
+                _Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, None if i == last else "down")
+                for i in range(len(ch))
+            ]
         )
         self.mid_block = _Mid(ch[-1], g)
         self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6)
@@ -81,7 +84,10 @@ class Decoder(nn.Cell):
         self.mid_block = _Mid(ch[0], g)
         last = len(ch) - 1
         self.up_blocks = nn.CellList(
-            [_Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, None if i == last else "up") for i in range(len(ch))]
+            [
+                _Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, None if i == last else "up")
+                for i in range(len(ch))
+            ]
         )
         self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6)
         self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)

@@ -53,10 +53,10 @@ def _compiled(fn: Callable, mode: str) -> Callable:
 
 
 class SDXLPipeline:
-    def __init__(self, models: SDXLModels, mode: str = "graph", dtype: ms.Type = ms.float32):
+    def __init__(self, models: SDXLModels, mode: str = "graph"):
         self.models = models
         self.mode = mode
-        self.dtype = dtype
+        self.dtype = models.unet.conv_in.weight.dtype  # compute dtype of the UNet (the VAE always runs in fp32)
         self.vae_scale = models.vae.config.downscale
         self._unet = _compiled(models.unet.construct, mode)
         self._vae_decode = _compiled(models.vae.decode, mode)
@@ -82,8 +82,9 @@ class SDXLPipeline:
         """Without negative prompts the unconditional half is zeros, as SDXL's force_zeros_for_empty_prompt does."""
         if negative_prompts is None:
             context, pooled = self._encode(list(prompts))
-            return PromptEmbeds(ms.ops.concat((ms.ops.zeros_like(context), context)),
-                                ms.ops.concat((ms.ops.zeros_like(pooled), pooled)))
+            return PromptEmbeds(
+                ms.ops.concat((ms.ops.zeros_like(context), context)), ms.ops.concat((ms.ops.zeros_like(pooled), pooled))
+            )
         if len(prompts) != len(negative_prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
         context, pooled = self._encode(list(negative_prompts) + list(prompts))
@@ -95,8 +96,9 @@ class SDXLPipeline:
             if value <= 0 or value % 32:
                 raise ValueError(f"{name} must be a positive multiple of 32, got {value}")
 
-    def initial_noise(self, seed: int, batch: int, height: int, width: int) -> np.ndarray:
-        """Standard normal latents from a host-side generator, so PyNative and graph mode see the same noise."""
+    def initial_noise(self, seed: int | Sequence[int], batch: int, height: int, width: int) -> np.ndarray:
+        """Standard normal latents from a host-side generator (seeded by an int or a sequence of ints), so
+        PyNative and graph mode see the same noise."""
         self.check_size(height, width)
         shape = (batch, self.models.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
@@ -143,7 +145,9 @@ class SDXLPipeline:
         """Decoded images as float [B, H, W, 3] in [0, 1] (diffusers' output_type="np"). One image at a time, so
         peak memory does not grow with the batch; the VAE runs in fp32 (the SDXL VAE overflows in fp16)."""
         scale = self.models.vae.config.scaling_factor
-        out = [self._vae_decode((latents[i : i + 1] / scale).astype(ms.float32)).asnumpy() for i in range(latents.shape[0])]
+        out = [
+            self._vae_decode((latents[i : i + 1] / scale).astype(ms.float32)).asnumpy() for i in range(latents.shape[0])
+        ]
         return np.clip(np.concatenate(out) / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1)
 
     def decode(self, latents: Tensor) -> list[Image.Image]:

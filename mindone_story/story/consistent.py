@@ -75,7 +75,8 @@ class ConsistentSelfAttention(nn.Cell):
         mask = ops.concat((gathered, ops.zeros((batch, tokens), x.dtype)), 1).reshape(batch, 1, 1, g + tokens)
         out = attention(split_heads(q, heads), split_heads(keys, heads), split_heads(values, heads), mask)
 
-        ops.assign(self.capture, ops.gather(x.reshape(2, n * tokens, channels), capture[self.level], 1))
+        sampled = ops.gather(x.reshape(2, n * tokens, channels), capture[self.level], 1)
+        ops.assign(self.capture, sampled.astype(self.capture.dtype))
         return attn.out(out)
 
 

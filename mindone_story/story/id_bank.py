@@ -28,8 +28,9 @@ class Draws:
     gates: np.ndarray
 
     @classmethod
-    def sample(cls, rng: np.random.Generator, steps: int, n: int, tokens: Sequence[int], rates: Sequence[float],
-               layers: int) -> Draws:
+    def sample(
+        cls, rng: np.random.Generator, steps: int, n: int, tokens: Sequence[int], rates: Sequence[float], layers: int
+    ) -> Draws:
         masks = [rng.random((steps, n, t)) < rate for t, rate in zip(tokens, rates)]
         return cls(masks, rng.random((steps, layers)))
 
@@ -44,14 +45,21 @@ class IdBank:
         try:
             return self.tokens[character][step][layer]
         except KeyError:
-            raise KeyError(f"no id bank for character {character!r} at step {step}; generate its id panels first")
+            raise KeyError(
+                f"no id bank for character {character!r} at step {step}; generate its id panels first"
+            ) from None
 
     def add(self, character: str, step: int, layer: int, images: list[np.ndarray]) -> None:
         self.tokens.setdefault(character, {}).setdefault(step, {}).setdefault(layer, []).extend(images)
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for steps in self.tokens.values() for layers in steps.values()
-                   for images in layers.values() for a in images)
+        return sum(
+            a.nbytes
+            for steps in self.tokens.values()
+            for layers in steps.values()
+            for images in layers.values()
+            for a in images
+        )
 
 
 def sample_width(tokens: int, rate: float, sigmas: float = 6.0) -> int:
@@ -64,14 +72,25 @@ def sample_width(tokens: int, rate: float, sigmas: float = 6.0) -> int:
 class Phase:
     """The story inputs of one sampler run; call ``inputs(step)`` before and ``collect(step)`` after each UNet call."""
 
-    def __init__(self, processors: list[ConsistentSelfAttention], tokens: Sequence[int], rates: Sequence[float],
-                 draws: Draws, bank: IdBank, write_as: str | None, reads: Sequence[Sequence[str]],
-                 bank_images: int | None = None):
+    def __init__(
+        self,
+        processors: list[ConsistentSelfAttention],
+        tokens: Sequence[int],
+        rates: Sequence[float],
+        draws: Draws,
+        bank: IdBank,
+        write_as: str | None,
+        reads: Sequence[Sequence[str]],
+        bank_images: int | None = None,
+        recent: int | None = None,
+    ):
         """``write_as``: the character whose id images this batch is (write mode: each image also attends to the
         others' sampled tokens, and the sampled tokens go to the bank), or None (read mode). ``reads[i]``: the
         characters whose banked tokens image ``i`` attends to. ``bank_images``: how many banked images the pool
-        holds at most (default: exactly what this phase reads), so that all read batches of a story share shapes."""
+        holds at most (default: exactly what this phase reads), so that all read batches of a story share shapes.
+        ``recent``: read only each character's ``recent`` most recently banked images (the sliding window)."""
         self.processors, self.tokens, self.draws, self.bank = processors, list(tokens), draws, bank
+        self.recent = recent
         self.n, self.write_as = len(reads), write_as
         self.reads = [list(chars) for chars in reads]
         self.chars = sorted({c for chars in self.reads for c in chars})
@@ -86,14 +105,15 @@ class Phase:
                 raise ValueError(f"a token draw of {counts.max()} exceeds the fixed width {self.sample_width[level]}")
         set_capture_shapes(processors, [self.n * w for w in self.sample_width] if write_as else [1] * len(tokens))
 
+    def _banked(self, char: str, step: int, layer: int) -> list[np.ndarray]:
+        images = self.bank.images(char, step, layer)
+        return images[-self.recent :] if self.recent else images
+
     def _banked_images(self) -> int:
-        if not self.chars:
-            return 0
-        layer = self.processors[0].layer
-        return sum(len(self.bank.images(c, 0, layer)) for c in self.chars)
+        return sum(len(self._banked(c, 0, self.processors[0].layer)) for c in self.chars)
 
     def _bank_segments(self, chars: Sequence[str], step: int, layer: int) -> list[int]:
-        return [a.shape[1] for c in chars for a in self.bank.images(c, step, layer)]
+        return [a.shape[1] for c in chars for a in self._banked(c, step, layer)]
 
     def _first_layer(self, level: int) -> int:
         return next(p.layer for p in self.processors if p.level == level)
@@ -130,7 +150,7 @@ class Phase:
         for proc in self.processors:
             bank = np.zeros((2, self.bank_width[proc.level], proc.capture.shape[-1]), np.float32)
             if self.chars:
-                joined = np.concatenate([a for c in self.chars for a in self.bank.images(c, step, proc.layer)], 1)
+                joined = np.concatenate([a for c in self.chars for a in self._banked(c, step, proc.layer)], 1)
                 if joined.shape[1] > bank.shape[1]:
                     raise ValueError(f"{joined.shape[1]} banked tokens exceed the pool width {bank.shape[1]}")
                 bank[:, : joined.shape[1]] = joined
