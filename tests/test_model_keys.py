@@ -43,3 +43,25 @@ def test_full_size_keys_and_shapes(component, preset, manifest):
     # the 2.6 B-parameter UNet would need 10 GB in fp32; building it lazily must stay far below that
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mb < 1500, f"building {component} grew peak RSS by {grown_mb:.0f} MB"
+
+
+def test_loading_is_strict_and_lists_the_keys():
+    import numpy as np
+
+    from mindone_story.models.load import WeightMismatchError, load_state
+
+    config = json.loads((preset_dir("tiny/text_encoder") / "config.json").read_text())
+    model = build_component("text_encoder", config)
+    state = {k: np.zeros(s, np.float32) for k, s in parameter_shapes(model).items()}
+    state["text_model.embeddings.position_ids"] = np.arange(77)[None]  # a known extra: ignored by name
+    assert load_state(model, state, "ok") == ["text_model.embeddings.position_ids"]
+    del state["text_model.final_layer_norm.bias"]
+    state["text_model.encoder.layers.0.mlp.fc1.weight"] = np.zeros((3, 3), np.float32)
+    state["text_model.extra.weight"] = np.zeros(1, np.float32)
+    with pytest.raises(WeightMismatchError) as err:
+        load_state(model, state, "bad.safetensors")
+    message = str(err.value)
+    assert "bad.safetensors" in message
+    assert "missing keys (1): text_model.final_layer_norm.bias" in message
+    assert "unexpected keys (1): text_model.extra.weight" in message
+    assert "text_model.encoder.layers.0.mlp.fc1.weight: file (3, 3), model (37, 32)" in message

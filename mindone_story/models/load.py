@@ -12,29 +12,18 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn
 
-# Buffers that real files may or may not contain and that carry nothing our models use.
-KNOWN_EXTRAS = ("position_ids", "logit_scale", "denoiser.sigmas")
+from ..weights.keymaps import known_extra, listing
 
 
 class WeightMismatchError(ValueError):
     """A checkpoint does not fit a model: missing keys, unexpected keys or wrong shapes."""
 
 
-def _listing(title: str, keys: list[str]) -> str:
-    shown = "\n    ".join(keys[:10])
-    more = f"\n    ... and {len(keys) - 10} more" if len(keys) > 10 else ""
-    return f"  {len(keys)} {title}:\n    {shown}{more}"
-
-
-def is_known_extra(key: str) -> bool:
-    return any(key == extra or key.endswith("." + extra) for extra in KNOWN_EXTRAS)
-
-
 def check_state(
     expected: Mapping[str, tuple[int, ...]], shapes: Mapping[str, tuple[int, ...]], source: str
 ) -> list[str]:
     """Compare key sets and shapes; return the ignored known extras; raise WeightMismatchError listing the keys."""
-    ignored = sorted(k for k in shapes if k not in expected and is_known_extra(k))
+    ignored = sorted(k for k in shapes if k not in expected and known_extra(k))
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(k for k in shapes if k not in expected and k not in ignored)
     wrong = sorted(
@@ -43,7 +32,7 @@ def check_state(
         if k in shapes and tuple(shapes[k]) != tuple(expected[k])
     )
     problems = [
-        _listing(title, keys)
+        listing(title, keys)
         for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong))
         if keys
     ]
