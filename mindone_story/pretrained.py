@@ -72,11 +72,7 @@ def _tokenizer(folder: Path):
     from transformers import CLIPTokenizer  # plain-Python tokenizer; imported here to keep start-up light
 
     if not (folder / "vocab.json").exists():
-        raise FileNotFoundError(
-            f"tokenizer files missing: expected vocab.json and merges.txt in {folder}. A single-file checkpoint "
-            "carries no tokenizer: copy the tokenizer/ and tokenizer_2/ folders of the SDXL base repository "
-            "(stabilityai/stable-diffusion-xl-base-1.0) beside the file."
-        )
+        raise FileNotFoundError(f"tokenizer files missing: expected vocab.json and merges.txt in {folder}")
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
@@ -96,6 +92,11 @@ def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLMode
     root = Path(checkpoint.tokenizer_root)
     if not (root / "tokenizer" / "vocab.json").exists() and not Path(path).is_dir():
         root = Path(path).parent
+    if not (root / "tokenizer" / "vocab.json").exists():
+        # single files carry no tokenizer: use CLIP's, built from the vocabulary the project ships
+        from .tokenizers import sdxl_tokenizer_root
+
+        root = sdxl_tokenizer_root(default_cache_dir())
     return SDXLModels(
         tokenizer=_tokenizer(root / "tokenizer"),
         tokenizer_2=_tokenizer(root / "tokenizer_2"),
