@@ -22,11 +22,12 @@ import numpy as np
 
 from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
+from .models.ip_adapter import IPAdapter
 from .models.load import load_state, parameter_shapes
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 
-TINY_VERSION = 1  # bump when the tiny presets or the weight recipe change, so caches are rebuilt
+TINY_VERSION = 2  # bump when the tiny presets or the weight recipe change, so caches are rebuilt
 
 
 @dataclass
@@ -60,8 +61,9 @@ def build_component(name: str, config: dict[str, Any]):
     raise ValueError(f"unknown component {name!r}")
 
 
-def load_component(name: str, config: dict[str, Any], state: Mapping[str, np.ndarray], source: str,
-                   dtype: ms.Type | None = None):
+def load_component(
+    name: str, config: dict[str, Any], state: Mapping[str, np.ndarray], source: str, dtype: ms.Type | None = None
+):
     model = build_component(name, config)
     ignored = load_state(model, state, source, dtype)
     model.set_train(False)
@@ -107,6 +109,80 @@ def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLMode
     )
 
 
+# -- IP-Adapter and its image encoder ----------------------------------------------------------------------------
+@dataclass
+class IPAdapterModels:
+    image_encoder: CLIPVisionModelWithProjection
+    ip_adapter: IPAdapter
+    fingerprint: str  # of both files, as SDXLModels.fingerprint
+
+
+class _IPAdapterState(Mapping[str, np.ndarray]):
+    """Our IPAdapter cell's names over the reader's, lazily: ``image_proj.*`` as they are, and
+    ``layers.<k>.to_{k,v}_ip.weight`` for the reader's ``<k-th attn2 module>.to_{k,v}_ip.weight``. The K/V
+    projections live outside the UNet because they run once per set of reference images, never in a step."""
+
+    def __init__(self, mapped: Mapping[str, Any], modules: list[str]):
+        self._keys = {k: (mapped["image_proj"], k) for k in mapped["image_proj"]}
+        for k, module in enumerate(modules):
+            for kv in ("to_k_ip", "to_v_ip"):
+                self._keys[f"layers.{k}.{kv}.weight"] = (mapped["unet"], f"{module}.{kv}.weight")
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        source, name = self._keys[key]
+        return source[name]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        source, name = self._keys[key]
+        return tuple(source.shape(name))
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load_ip_adapter(
+    path: str | os.PathLike, unet_config: Any, image_encoder_config: Any = None, dtype: ms.Type | None = None
+) -> IPAdapter:
+    """An IP-Adapter file (.bin or .safetensors, IP-Adapter's or diffusers' layout), checked against the UNet
+    config and, if given, the image encoder's config before any weight is read."""
+    from .weights import read_ip_adapter
+    from .weights import shapes as S
+    from .weights.layouts import _files_of
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"IP-Adapter not found: {path}")
+    weights = read_ip_adapter(path, unet_config, image_encoder_config)
+    modules = S.ip_adapter_modules(unet_config)
+    model = IPAdapter(weights["image_proj"].config, modules)
+    load_state(model, _IPAdapterState(weights, [m for m, _ in modules]), f"{path} (IP-Adapter)", dtype)
+    model.set_train(False)
+    model.files = _files_of(weights["image_proj"]._source)  # for fingerprints
+    return model
+
+
+def load_ip_adapter_models(
+    ip_ckpt: str | os.PathLike, image_encoder_path: str | os.PathLike, unet_config: Any, dtype: ms.Type | None = None
+) -> IPAdapterModels:
+    """An IP-Adapter and its CLIP image encoder (a transformers folder or file), checked against each other and
+    against the UNet: a ViT-H encoder with a bigG adapter, or an SD1.5 adapter, is a LayoutError that says so."""
+    from .weights import read_image_encoder
+    from .weights.layouts import SDXLCheckpoint, _files_of
+
+    if not Path(image_encoder_path).exists():
+        raise FileNotFoundError(f"image encoder not found: {image_encoder_path}")
+    encoder_weights = read_image_encoder(image_encoder_path)
+    ip_adapter = load_ip_adapter(ip_ckpt, unet_config, encoder_weights.config, dtype)
+    encoder, _ = load_component(
+        "image_encoder", encoder_weights.config, encoder_weights, f"{image_encoder_path} (image encoder)", dtype
+    )
+    files = _files_of(encoder_weights._source) + ip_adapter.files
+    fingerprint = SDXLCheckpoint({}, {}, files, Path()).fingerprint  # the same cheap content hash as the base model
+    return IPAdapterModels(encoder, ip_adapter, fingerprint)
+
+
 # -- the built-in tiny model --------------------------------------------------------------------------------------
 def random_weights(shapes: Mapping[str, tuple[int, ...]], seed_text: str) -> dict[str, np.ndarray]:
     """Deterministic random weights: each tensor seeded by its own name, scaled like a trained network
@@ -127,8 +203,33 @@ def random_weights(shapes: Mapping[str, tuple[int, ...]], seed_text: str) -> dic
     return out
 
 
+TINY_IP_ADAPTER = "ip-adapter_sdxl.safetensors"
+
+
+def tiny_ip_adapter_weights(folder: Path) -> dict[str, np.ndarray]:
+    """An ip-adapter_sdxl for the tiny UNet and image encoder in IP-Adapter's own flat layout: ``image_proj.*``
+    (ImageProjModel, 4 tokens) and ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the k-th attn2 module."""
+    from .weights import shapes as S
+
+    unet = json.loads((folder / "unet" / "config.json").read_text())
+    encoder = json.loads((folder / "image_encoder" / "config.json").read_text())
+    info = {
+        "kind": "image_proj_model",
+        "num_tokens": 4,
+        "clip_dim": encoder["projection_dim"],
+        "cross_attention_dim": unet["cross_attention_dim"],
+    }
+    index = {m: 2 * k + 1 for k, (m, _) in enumerate(S.ip_adapter_modules(unet))}
+    shapes = {}
+    for key, shape in S.ip_adapter_shapes(unet, info).items():
+        module, _, rest = key.rpartition(".to_")
+        shapes[key if key.startswith("image_proj.") else f"ip_adapter.{index[module]}.to_{rest}"] = shape
+    return random_weights(shapes, f"tiny-v{TINY_VERSION}:ip_adapter")
+
+
 def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The built-in tiny SDXL (+ tiny image encoder) as a diffusers folder, written atomically on first use."""
+    """The built-in tiny SDXL as a diffusers folder, with a tiny image encoder (``image_encoder/``) and a tiny
+    ip-adapter_sdxl (``ip_adapter/ip-adapter_sdxl.safetensors``), written atomically on first use."""
     from .weights.safetensors_io import save_safetensors
 
     target = Path(cache_dir or default_cache_dir()) / f"tiny-sdxl-v{TINY_VERSION}"
@@ -147,6 +248,8 @@ def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             save_safetensors(weights, staging / name / filename)
         for name in ("tokenizer", "tokenizer_2", "scheduler"):
             shutil.copytree(presets / name, staging / name)
+        (staging / "ip_adapter").mkdir()
+        save_safetensors(tiny_ip_adapter_weights(staging), staging / "ip_adapter" / TINY_IP_ADAPTER)
         index = {"_class_name": "StableDiffusionXLPipeline", "_mindone_story_tiny": TINY_VERSION}
         (staging / "model_index.json").write_text(json.dumps(index, indent=2))
         try:

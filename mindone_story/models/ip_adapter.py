@@ -1,0 +1,215 @@
+"""IP-Adapter for SDXL: the image projections (ImageProjModel, Resampler) under IP-Adapter's own names, the
+per-layer reference K/V projections (``to_k_ip`` / ``to_v_ip``), and the decoupled cross-attention processor.
+
+Decoupled cross-attention (IP-Adapter, and Story-Adapter's GRCA on top of it) replaces every cross-attention layer
+(attn2; 70 in SDXL) by ``to_out(attn(q, k_text, v_text) + scale * attn(q, k_ip, v_ip))``, each branch with its own
+softmax. The image tokens' K/V do not depend on the latents, the step or the panel, only on the reference images, so
+here they are computed once (``IPAdapter.reference_kv``) and enter the compiled UNet as tensors through its
+``story`` tuple: ``(scale [], keys, values)``, where ``keys[l]`` / ``values[l]`` are ``[2, T, C_l]`` for attn2 layer
+``l`` (row 0 the unconditional CFG half, row 1 the conditional one). ``story=None`` is plain text cross-attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import initializer
+
+from ..layers import LayerNorm, Linear, attention, gelu, split_heads
+
+
+class ImageProjModel(nn.Cell):
+    """ip-adapter_sdxl: the projected CLIP image embedding [M, clip_dim] -> ``num_tokens`` tokens [M, T, ctx]."""
+
+    def __init__(self, clip_dim: int, cross_attention_dim: int, num_tokens: int = 4):
+        super().__init__()
+        self.num_tokens, self.cross_attention_dim = num_tokens, cross_attention_dim
+        self.proj = Linear(clip_dim, num_tokens * cross_attention_dim)
+        self.norm = LayerNorm(cross_attention_dim)
+
+    def construct(self, embeds: Tensor) -> Tensor:
+        tokens = self.proj(embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)
+
+
+class PerceiverAttention(nn.Cell):
+    """The latents attend to the image features and to themselves (IP-Adapter's resampler.py)."""
+
+    def __init__(self, dim: int, inner_dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = LayerNorm(dim)
+        self.norm2 = LayerNorm(dim)
+        self.to_q = Linear(dim, inner_dim, bias=False)
+        self.to_kv = Linear(dim, 2 * inner_dim, bias=False)
+        self.to_out = Linear(inner_dim, dim, bias=False)
+
+    def construct(self, x: Tensor, latents: Tensor) -> Tensor:
+        x, latents = self.norm1(x), self.norm2(latents)
+        q = self.to_q(latents)
+        k, v = ops.split(self.to_kv(ops.concat((x, latents), 1)), self.to_q.out_features, axis=-1)
+        # its q·d^-1/4 @ (k·d^-1/4)^T is softmax(q k^T / sqrt(d)): the one attention function
+        out = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
+        b, h, s, d = out.shape
+        return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, s, h * d))
+
+
+class Resampler(nn.Cell):
+    """ip-adapter-plus: ``num_queries`` learned latents read the encoder's penultimate hidden states [M, L, E]."""
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        inner_dim: int,
+        num_queries: int,
+        embedding_dim: int,
+        output_dim: int,
+        ff_mult: int = 4,
+    ):
+        super().__init__()
+        # IP-Adapter and diffusers use 64-wide heads (ip-adapter-plus_sdxl_vit-h: 20 heads of 64)
+        heads = inner_dim // 64 if inner_dim % 64 == 0 else 1
+        self.latents = Parameter(initializer("zeros", (1, num_queries, dim)), name="latents")
+        self.proj_in = Linear(embedding_dim, dim)
+        self.proj_out = Linear(dim, output_dim)
+        self.norm_out = LayerNorm(output_dim)
+        # layers.<i>.1 is IP-Adapter's nn.Sequential(LayerNorm, Linear, GELU, Linear): indices 0, 1, 3 hold weights
+        self.layers = nn.CellList(
+            [
+                nn.CellList(
+                    [
+                        PerceiverAttention(dim, inner_dim, heads),
+                        nn.CellList(
+                            [
+                                LayerNorm(dim),
+                                Linear(dim, dim * ff_mult, bias=False),
+                                nn.Identity(),
+                                Linear(dim * ff_mult, dim, bias=False),
+                            ]
+                        ),
+                    ]
+                )
+                for _ in range(depth)
+            ]
+        )
+
+    def construct(self, features: Tensor) -> Tensor:
+        x = self.proj_in(features)
+        latents = ops.broadcast_to(self.latents.astype(x.dtype), (x.shape[0],) + self.latents.shape[1:])
+        for layer in self.layers:
+            latents = layer[0](x, latents) + latents
+            ff = layer[1]
+            latents = ff[3](gelu(ff[1](ff[0](latents)))) + latents
+        return self.norm_out(self.proj_out(latents))
+
+
+class IPKV(nn.Cell):
+    """One attn2 layer's reference key and value projections."""
+
+    def __init__(self, hidden: int, context_dim: int):
+        super().__init__()
+        self.to_k_ip = Linear(context_dim, hidden, bias=False)
+        self.to_v_ip = Linear(context_dim, hidden, bias=False)
+
+
+class IPAdapter(nn.Cell):
+    """``image_proj.*`` and ``layers.<k>.to_{k,v}_ip`` for the k-th attn2 module of ``modules`` (IP-Adapter order).
+
+    ``info`` describes the projection as ``weights.layouts.describe_image_proj`` reads it from a file.
+    """
+
+    def __init__(self, info: Mapping[str, Any], modules: Sequence[tuple[str, int]]):
+        super().__init__()
+        self.info = dict(info)
+        self.modules = [m for m, _ in modules]
+        ctx = info["cross_attention_dim"]
+        if info["kind"] == "image_proj_model":
+            self.image_proj = ImageProjModel(info["clip_dim"], ctx, info["num_tokens"])
+        elif info["kind"] == "resampler":
+            self.image_proj = Resampler(
+                info["dim"],
+                info["depth"],
+                info["inner_dim"],
+                info["num_queries"],
+                info["embedding_dim"],
+                ctx,
+                info["ff_mult"],
+            )
+        else:
+            raise ValueError(f"unknown image projection {info['kind']!r}")
+        self.layers = nn.CellList([IPKV(hidden, ctx) for _, hidden in modules])
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        """The Resampler reads the encoder's penultimate hidden states; ImageProjModel its projected embedding."""
+        return self.info["kind"] == "resampler"
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.info["num_queries"] if self.uses_hidden_states else self.info["num_tokens"]
+
+    def project(self, features: Tensor) -> Tensor:
+        """Image features of M images -> their tokens concatenated along the sequence [1, M*T, ctx], image by image
+        (as IP-Adapter's ``view(1, M*T, C)`` and diffusers' multi-image ``view(B, -1, heads, d)``)."""
+        tokens = self.image_proj(features)
+        return tokens.reshape(1, -1, tokens.shape[-1])
+
+    def reference_kv(self, tokens: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Reference tokens [2, T, ctx] (uncond, cond) -> per-layer keys and values, each [2, T, C_l]."""
+        return (
+            tuple(layer.to_k_ip(tokens) for layer in self.layers),
+            tuple(layer.to_v_ip(tokens) for layer in self.layers),
+        )
+
+
+class DecoupledCrossAttention(nn.Cell):
+    """The processor of the k-th attn2 layer: text cross-attention plus ``scale`` times reference attention."""
+
+    def __init__(self, layer: int):
+        super().__init__()
+        self.layer = layer
+
+    def construct(self, attn, x: Tensor, context: Tensor, story) -> Tensor:
+        q, k, v = attn.heads_qkv(x, context)
+        out = attention(q, k, v)
+        if story is None:
+            return attn.out(out)
+        scale, keys, values = story
+        batch, heads = x.shape[0], attn.heads
+        k_ip, v_ip = keys[self.layer].astype(x.dtype), values[self.layer].astype(x.dtype)
+        if batch != 2:  # n panels per CFG half share the half's reference tokens
+            n, t, c = batch // 2, k_ip.shape[1], k_ip.shape[2]
+            k_ip = ops.broadcast_to(k_ip.reshape(2, 1, t, c), (2, n, t, c)).reshape(batch, t, c)
+            v_ip = ops.broadcast_to(v_ip.reshape(2, 1, t, c), (2, n, t, c)).reshape(batch, t, c)
+        ip = attention(q, split_heads(k_ip, heads), split_heads(v_ip, heads))
+        return attn.out(out + scale.astype(x.dtype) * ip)
+
+
+def attn2_modules(unet, modules: Sequence[str]) -> list:
+    """The UNet's Attention cells at IP-Adapter's module paths (``down_blocks.1.attentions.0...attn2``)."""
+    cells = []
+    for path in modules:
+        cell = unet
+        for part in path.split("."):
+            cell = cell[int(part)] if part.isdigit() else getattr(cell, part, None)
+            if cell is None:
+                raise ValueError(f"the UNet has no module {path!r}: the IP-Adapter was made for another UNet")
+        cells.append(cell)
+    return cells
+
+
+def install(unet, modules: Sequence[str]) -> list[DecoupledCrossAttention]:
+    """Put a decoupled cross-attention processor on each attn2 module, numbered in IP-Adapter's order."""
+    processors = []
+    for k, attn in enumerate(attn2_modules(unet, modules)):
+        attn.processor = DecoupledCrossAttention(k)
+        processors.append(attn.processor)
+    return processors
+
+
+def uninstall(unet, modules: Sequence[str]) -> None:
+    for attn in attn2_modules(unet, modules):
+        attn.processor = None
