@@ -1,0 +1,186 @@
+"""The Gradio demo driven through gradio_client on the tiny model (64x64, 2 steps, id_length 2): a StoryDiffusion
+run, a repeat on the loaded model, a Story-Adapter run, and bad input coming back as the app's error text."""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from app_server import app_log, serve_app  # noqa: E402
+
+from mindone_story.story.comic import make_pages  # noqa: E402
+from mindone_story.story.prompts import apply_style, parse_story  # noqa: E402
+
+CHARACTERS = "[Bob] a man with a black suit\n[Alice] a woman in a white shirt"
+STORY = """[Bob] wakes up #Bob wakes up
+[Alice] reads a book
+[Bob] has breakfast
+[Alice] goes to work
+[Bob] and [Alice] meet in the park #they meet
+"""
+FORM = {
+    "model_name": "tiny",
+    "model_path": "",
+    "characters": CHARACTERS,
+    "story_text": STORY,
+    "style": "Comic book",
+    "id_length": 2,
+    "sa32": 0.5,
+    "sa64": 0.5,
+    "steps": 2,
+    "guidance": 5.0,
+    "height": 64,
+    "width": 64,
+    "seed": 7,
+    "typesetting": "Four Pannel",
+    "font_size": 8,
+}
+ADAPTER_FORM = {
+    "model_name": "tiny",
+    "model_path": "",
+    "image_encoder": "",
+    "ip_ckpt": "",
+    "story_text": "a fox in a blue scarf wakes up\n\na fox in a blue scarf walks in the snow\n",
+    "style": "film",
+    "rounds": 2,
+    "steps": 2,
+    "height": 64,
+    "width": 64,
+    "seed": 5,
+    "guidance": 5.0,
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("app")
+    with serve_app(folder, "--cache_dir", str(folder / "no_models")) as url:
+        yield url, folder
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory):
+    return Client(server[0], verbose=False, download_files=str(tmp_path_factory.mktemp("downloads")))
+
+
+@pytest.fixture(scope="module")
+def sd_run(client):
+    return client.predict(**FORM, api_name="/story_diffusion")
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def unzip(path, tmp_path: Path) -> Path:
+    with zipfile.ZipFile(path) as zf:
+        zf.extractall(tmp_path)
+        (top,) = {Path(name).parts[0] for name in zf.namelist()}
+    return tmp_path / top
+
+
+def test_story_diffusion_run(sd_run, tmp_path):
+    gallery, pages, archive, status = sd_run
+    assert [item["caption"] for item in gallery] == [
+        "0: Bob wakes up",
+        "1: [Alice] reads a book",
+        "2: [Bob] has breakfast",
+        "3: [Alice] goes to work",
+        "4: they meet",
+    ]
+    assert "5 panels, 2 page(s)" in status and "model loaded in" in status
+    folder = unzip(archive, tmp_path)
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["page_00.png", "page_01.png"] + [f"panel_{i:03d}.png" for i in range(5)] + [
+        "story.json",
+        "story.txt",
+    ]
+    record = json.loads((folder / "story.json").read_text())
+    # the record holds what the form asked for, and the prompts the story parser and style give
+    story = parse_story(CHARACTERS, STORY, 2)
+    assert record["id_panels"] == {"Bob": [0, 2], "Alice": [1, 3]}
+    assert record["panels"][0]["prompt"] == apply_style("Comic book", story.panels[0].prompt)[0]
+    assert [p["file"] for p in record["panels"]] == [f"panel_{i:03d}.png" for i in range(5)]
+    s = record["settings"]
+    assert (s["seed"], s["steps"], s["height"], s["width"], s["sa32"], s["id_length"]) == (7, 2, 64, 64, 0.5, 2)
+    assert s["mode"] == "graph" and record["font_size"] == 8
+    # the gallery shows the saved panels, and the pages are those panels typeset
+    panels = [pixels(item["image"]) for item in gallery]
+    for i, panel in enumerate(panels):
+        assert panel.shape == (64, 64, 3) and panel.std() > 1.0  # an image, not a blank
+        assert np.array_equal(panel, pixels(folder / f"panel_{i:03d}.png"))
+    expected = make_pages([Image.fromarray(p) for p in panels], "Four Pannel", story.captions, 8, seed=7)
+    assert len(pages) == 2
+    for page, want in zip(pages, expected):
+        assert np.array_equal(pixels(page["image"]), np.asarray(want.convert("RGB")))
+
+
+def test_repeat_reuses_the_loaded_model_and_gives_the_same_images(client, sd_run):
+    gallery, _, _, status = client.predict(**FORM, api_name="/story_diffusion")
+    assert "model already loaded" in status
+    for again, first in zip(gallery, sd_run[0]):
+        assert np.array_equal(pixels(again["image"]), pixels(first["image"]))
+
+
+def test_story_adapter_run(client, tmp_path):
+    last, every, archive, status = client.predict(**ADAPTER_FORM, api_name="/story_adapter")
+    assert "3 rounds of 2 panels" in status
+    assert [item["caption"] for item in last] == ["round 2, panel 0", "round 2, panel 1"]
+    assert [item["caption"] for item in every] == [f"round {r}, panel {i}" for r in range(3) for i in range(2)]
+    folder = unzip(archive, tmp_path)
+    record = json.loads((folder / "story.json").read_text())
+    assert record["method"] == "Story-Adapter" and record["progress"]["done"]
+    assert record["prompts"] == ["a fox in a blue scarf wakes up", "a fox in a blue scarf walks in the snow"]
+    assert (record["rounds"], record["steps"], record["height"], record["seed"], record["style"]) == (
+        2,
+        2,
+        64,
+        5,
+        "film",
+    )
+    for r in range(3):
+        for i in range(2):
+            image = pixels(folder / f"round_{r:02d}" / f"panel_{i:03d}.png")
+            assert image.shape == (64, 64, 3)
+            assert np.array_equal(image, pixels(every[2 * r + i]["image"]))
+    assert np.array_equal(pixels(last[1]["image"]), pixels(folder / "round_02" / "panel_001.png"))
+    # later rounds see the earlier ones: the panels change from round 0 to round 1
+    assert not np.array_equal(pixels(every[0]["image"]), pixels(every[2]["image"]))
+
+
+@pytest.mark.parametrize(
+    "api_name, change, message",
+    [
+        (
+            "/story_diffusion",
+            {"story_text": "[Carol] runs\n"},
+            "names [Carol], which the character box does not define",
+        ),
+        ("/story_diffusion", {"height": 100}, "height and width must be multiples of 32, got 100x64"),
+        ("/story_diffusion", {"story_text": "  \n"}, "the story is empty"),
+        ("/story_diffusion", {"id_length": 3}, "character [Bob] needs 3 id panels"),
+        ("/story_diffusion", {"model_name": "Nope"}, "Nope is not in the list of choices"),  # Gradio's check
+        ("/story_diffusion", {"model_name": "SDXL"}, "was not found under --cache_dir"),
+        ("/story_adapter", {"story_text": ""}, "the story is empty"),
+        ("/story_adapter", {"rounds": -1}, "rounds must be at least 0, got -1"),
+        ("/story_adapter", {"style": "comic", "steps": 0}, "steps must be at least 1, got 0"),
+    ],
+)
+def test_bad_input_returns_the_error_text(server, client, api_name, change, message):
+    form = {**(FORM if api_name == "/story_diffusion" else ADAPTER_FORM), **change}
+    tracebacks = app_log(server[1]).count("Traceback")
+    with pytest.raises(AppError) as err:
+        client.predict(**form, api_name=api_name)
+    assert message in str(err.value)
+    assert "Traceback" not in str(err.value)
+    if "choices" not in message:  # Gradio logs a traceback for its own checks; the app's own errors log none
+        assert app_log(server[1]).count("Traceback") == tracebacks
