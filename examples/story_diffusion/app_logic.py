@@ -147,33 +147,9 @@ def story_diffusion_pipeline(cache: ModelCache, model: str, dtype: str | None, m
         from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
         from mindone_story.pretrained import load_sdxl
 
-        return keep_capture_parameters(StoryDiffusionPipeline(load_sdxl(model_dir(model), dtype_of(dtype)), mode=mode))
+        return StoryDiffusionPipeline(load_sdxl(model_dir(model), dtype_of(dtype)), mode=mode)
 
     return cache.get(("StoryDiffusion", model, dtype, mode), build)
-
-
-def keep_capture_parameters(pipe):
-    """Make a StoryDiffusion pipeline safe to reuse in graph mode: one capture Parameter per shape and layer.
-
-    Workaround, to go once ``story/consistent.py`` does this itself: ``set_capture_shapes`` replaces a processor's
-    capture Parameter whenever a phase needs another shape, but a graph compiled in an earlier story keeps writing
-    to the Parameter it was compiled with, so from the second story on the host banks zeros (the id bank is empty
-    and later panels lose their characters). Handing back the same Parameter for the same shape keeps them in step.
-    """
-    for proc in pipe.processors:
-        kept = {tuple(proc.capture.shape): proc.capture}
-        create = type(proc).new_capture
-
-        def new_capture(shape, proc=proc, kept=kept, create=create):
-            shape = tuple(shape)
-            if shape not in kept:
-                create(proc, shape)
-                kept[shape] = proc.capture
-            proc.capture = kept[shape]
-            proc.capture.name = f"story_capture_{proc.layer}"  # attaching renames a Parameter after its attribute
-
-        object.__setattr__(proc, "new_capture", new_capture)
-    return pipe
 
 
 # -- runs ------------------------------------------------------------------------------------------------------------

@@ -43,13 +43,20 @@ class ConsistentSelfAttention(nn.Cell):
     def __init__(self, layer: int, level: int, channels: int):
         super().__init__()
         self.layer, self.level = layer, level
+        self._captures: dict[tuple[int, ...], Parameter] = {}
         self.new_capture((2, 1, channels))
 
     def new_capture(self, shape: tuple[int, ...]) -> None:
-        """(Re)create the Parameter that holds the sampled hidden states of the last call, for the host to bank.
-        A new Parameter rather than set_data: PyNative keeps the old shape for a resized Parameter's Assign. The
-        unique name is set after attaching, because attaching renames a Parameter after its attribute."""
-        self.capture = Parameter(Tensor(np.zeros(shape, np.float32)), requires_grad=False)
+        """Attach the Parameter that holds the sampled hidden states of the last call, for the host to bank.
+
+        One Parameter per shape, created once and handed back whenever that shape returns: a graph compiled for a
+        shape keeps writing to the Parameter it was compiled with, so a reused pipeline must see the same one.
+        A new Parameter rather than set_data, because PyNative keeps the old shape for a resized Parameter's Assign.
+        The unique name is set after attaching, because attaching renames a Parameter after its attribute."""
+        shape = tuple(shape)
+        if shape not in self._captures:
+            self._captures[shape] = Parameter(Tensor(np.zeros(shape, np.float32)), requires_grad=False)
+        self.capture = self._captures[shape]
         self.capture.name = f"story_capture_{self.layer}"
 
     def construct(self, attn, x: Tensor, context, story) -> Tensor:
