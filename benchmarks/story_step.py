@@ -1,0 +1,523 @@
+"""One UNet step with StoryDiffusion's consistent self-attention against a plain UNet step, same weights, same batch.
+
+The consistent step is a write phase of ``--n`` id images (CFG batch 2n, default 8) at a step >= 1 with every gate
+open and sa32 = sa64 = 0.5: each image's up-block attn1 layers attend to their own tokens plus the sampled tokens of
+the other n-1 images, and the sampled hidden states leave through the capture Parameters. ``window`` is the same with
+the previous window's n banked images in the pool as well (what every later write window of
+``StoryDiffusionPipeline(window=n)`` runs). The plain step is the same UNet object (processors installed) called
+with ``story=None``, which runs ordinary self-attention, through the same ``ms.jit`` function.
+
+Both run in one child process, interleaved call by call (plain, consistent, ..., the order alternating every run),
+so both see the same background load on a shared machine; the table reports medians over ``--runs`` timed runs per
+round and over ``--rounds`` child processes. Times of the host-side work of a step are reported separately:
+``inputs`` is ``Phase.inputs(step)`` (index lists, masks, bank arrays, tensor conversion) and ``collect`` is
+``Phase.collect(step)`` (capture Parameters to numpy, into the id bank). ``step total`` = inputs + UNet + collect.
+
+Weights are deterministic random (``mindone_story.pretrained.random_weights``, one tensor at a time). The parent
+holds no framework; a watchdog thread kills the child above ``--max_rss_gb`` (default 16) or when the machine's
+MemAvailable falls below ``--min_avail_gb``, and the result says "killed at N GB".
+
+    python benchmarks/story_step.py --config tiny --latent 32 --runs 15 --rounds 3
+    python benchmarks/story_step.py --config mid --latent 48 --runs 5 --rounds 2
+    python benchmarks/story_step.py --config sdxl --latent 32 --runs 3 --rounds 1
+
+Configs: ``tiny`` (the built-in tiny preset), ``mid`` (SDXL's layout, 36 consistent layers, 5/10/20 heads, with the
+channels halved: 160/320/640, about 0.68 B parameters), ``sdxl`` (the SDXL preset), or a path to a UNet config.json.
+Prints a markdown table and writes JSON (``--out``, default benchmarks/results/story_step_<config>_<latent>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+GB = 1024**3
+SEED_TEXT = "story-step-benchmark"
+VARIANTS = ("write", "window")
+
+
+# -- configs and small helpers -------------------------------------------------------------------------------------
+def unet_config(name: str) -> dict:
+    if name in ("tiny", "sdxl", "mid"):
+        preset = "sdxl" if name == "mid" else name
+        config = json.loads((ROOT / "mindone_story" / "presets" / preset / "unet" / "config.json").read_text())
+        if name == "mid":
+            config["block_out_channels"] = [160, 320, 640]
+        return config
+    return json.loads(Path(name).read_text())
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def source_revision() -> str:
+    """The commit of the library being measured (and whether mindone_story/ differs from it)."""
+    stamp = ROOT / ".commit"  # written by whoever exports a snapshot (git archive has no .git)
+    if stamp.exists():
+        return stamp.read_text().strip()
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "mindone_story"], capture_output=True, text=True
+        ).stdout.strip()
+        return head + (" + uncommitted changes in mindone_story/" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def child_env(isa: str) -> dict:
+    """The children's environment. On AVX-512 CPUs MindSpore 2.10's oneDNN convolutions take a path about 100x
+    slower than its AVX2 one (0.1 against 8-40 GFLOP/s for 3x3 convolutions measured on this machine), so by default
+    the children cap oneDNN at AVX2 (``ONEDNN_MAX_CPU_ISA``); ``--isa default`` leaves the variable alone."""
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    if isa != "default":
+        env["ONEDNN_MAX_CPU_ISA"] = isa
+    return env
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def wait_for_memory(gb: float, timeout_s: float) -> bool:
+    """Wait until the machine's MemAvailable reaches ``gb`` (others share the machine); False on timeout."""
+    deadline = time.time() + timeout_s
+    while mem_available_bytes() < gb * GB:
+        if time.time() > deadline:
+            return False
+        time.sleep(15)
+    return True
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+# -- the child -------------------------------------------------------------------------------------------------------
+class LazyRandomWeights(Mapping):
+    """``random_weights`` one tensor at a time (each is seeded by its own name: the values equal the eager ones)."""
+
+    def __init__(self, shapes):
+        self.shapes = dict(shapes)
+
+    def __getitem__(self, key):
+        from mindone_story.pretrained import random_weights
+
+        return random_weights({key: self.shapes[key]}, SEED_TEXT)[key]
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def shape(self, key):
+        return self.shapes[key]
+
+
+def child_main(args) -> dict:
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindone_story.layers import set_device
+
+    set_device("CPU")
+    ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
+    from mindone_story.models.load import load_state, parameter_shapes
+    from mindone_story.pretrained import build_component
+    from mindone_story.story.consistent import install
+    from mindone_story.story.id_bank import Draws, IdBank, Phase
+
+    report = {"versions": {"mindspore": ms.__version__}, "rss_after_import": rss_bytes()}
+    config = json.loads(Path(args.config_file).read_text())
+    unet = build_component("unet", config)
+    unet.set_train(False)
+    shapes = parameter_shapes(unet)
+    t0 = time.perf_counter()
+    load_state(unet, LazyRandomWeights(shapes), "random weights")
+    report["load_s"] = time.perf_counter() - t0
+    report["params"] = int(sum(int(np.prod(s)) for s in shapes.values()))
+    processors = install(unet)
+    report["consistent_layers"] = len(processors)
+    report["rss_after_load"] = rss_bytes()
+
+    n, latent = args.n, args.latent
+    batch = 2 * n
+    rng = np.random.default_rng(0)
+    add_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    size = float(latent * 8)
+    inputs = (
+        Tensor(rng.standard_normal((batch, config["in_channels"], latent, latent)).astype(np.float32)),
+        Tensor(np.array([500.0], np.float32)),
+        Tensor(rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32)),
+        Tensor(rng.standard_normal((batch, add_dim)).astype(np.float32)),
+        Tensor(np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (batch, 1))),
+    )
+    levels = len(config["block_out_channels"])
+    blocks = [b for b, block in enumerate(unet.up_blocks) if block.attentions is not None]
+    tokens = [(latent >> (levels - 1 - b)) ** 2 for b in blocks]
+    rates = [args.sa, args.sa]
+    report["level_tokens"] = tokens
+    step_fn = ms.jit(unet.construct)
+
+    def draws(seed):
+        d = Draws.sample(np.random.default_rng(seed), 2, n, tokens, rates, len(processors))
+        d.gates[:] = 1.0  # every gate open at step 1 (step 0 is always plain, as the original)
+        return d
+
+    bank = IdBank()
+    phases = {"write": Phase(processors, tokens, rates, draws(1), bank, "A", [[] for _ in range(n)])}
+    report["gather_width"] = {"write": phases["write"].gather_width}
+    variants = [v for v in VARIANTS if v in args.variants]
+    first = {}
+    if "window" in variants:
+        # the previous window: run its two steps to fill the bank at steps 0 and 1 (the first compiles the write graph)
+        for step in (0, 1):
+            t0 = time.perf_counter()
+            step_fn(*inputs, phases["write"].inputs(step)).asnumpy()
+            first.setdefault("write", time.perf_counter() - t0)
+            phases["write"].collect(step)
+        phases["window"] = Phase(processors, tokens, rates, draws(2), bank, "A", [["A"] for _ in range(n)], recent=n)
+        report["gather_width"]["window"] = phases["window"].gather_width
+    report["bank_bytes_per_window"] = bank.nbytes() // 2 if "window" in variants else None
+    banked = {k: IdBank(dict(bank.tokens)) for k in phases}  # what each phase's bank holds before timing
+
+    def call(story):
+        t0 = time.perf_counter()
+        out = step_fn(*inputs, story).asnumpy()
+        return time.perf_counter() - t0, out
+
+    def consistent(name):
+        phase = phases[name]
+        t0 = time.perf_counter()
+        story = phase.inputs(1)
+        t_in = time.perf_counter() - t0
+        t_unet, out = call(story)
+        t0 = time.perf_counter()
+        phase.collect(1)
+        t_collect = time.perf_counter() - t0
+        phase.bank.tokens.clear()  # keep the bank at its pre-timing content (collect appends)
+        phase.bank.tokens.update(banked[name].tokens)
+        return t_in, t_unet, t_collect, out
+
+    # first calls: graph compilation (plain and each variant's graph)
+    first["plain"], plain_out = call(None)
+    outs = {}
+    for name in variants:
+        t_in, t_unet, t_collect, outs[name] = consistent(name)
+        first.setdefault(name, t_unet)
+    # checks: consistent attention changes the output; with every gate closed it equals the plain step
+    checks = {f"{name}_vs_plain_rel_diff": rel_diff(outs[name], plain_out) for name in variants}
+    closed = phases["write"].inputs(1)
+    closed = ms.mutable((Tensor(np.zeros(len(processors), np.float32)),) + tuple(closed[1:]))
+    checks["gates_closed_vs_plain_rel_diff"] = rel_diff(call(closed)[1], plain_out)
+    report["checks"] = checks
+    for _ in range(args.warmup - 1):
+        call(None)
+        for name in variants:
+            consistent(name)
+
+    times = {"plain": [], **{f"{v}_{k}": [] for v in variants for k in ("inputs", "unet", "collect", "total")}}
+    for r in range(args.runs):
+        order = ["plain", *variants]
+        if r % 2:
+            order = order[::-1]
+        for name in order:
+            if name == "plain":
+                times["plain"].append(call(None)[0])
+                continue
+            t_in, t_unet, t_collect, _ = consistent(name)
+            times[f"{name}_inputs"].append(t_in)
+            times[f"{name}_unet"].append(t_unet)
+            times[f"{name}_collect"].append(t_collect)
+            times[f"{name}_total"].append(t_in + t_unet + t_collect)
+    report["times"] = times
+    report["first_call_s"] = first
+    report["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report["rss_end"] = rss_bytes()
+    return report
+
+
+# -- the parent ------------------------------------------------------------------------------------------------------
+class Watched:
+    """A child process with a watchdog thread on its RSS (with descendants) and the machine's MemAvailable."""
+
+    def __init__(self, cmd, env, log_path, max_rss, min_avail):
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.max_rss, self.min_avail = max_rss, min_avail
+        self.peak, self.killed = 0, None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _tree_rss(self) -> int:
+        total, todo = 0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            total += rss_bytes(pid)
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        return total
+
+    def _watch(self):
+        while self.proc.poll() is None:
+            rss = self._tree_rss()
+            self.peak = max(self.peak, rss)
+            reason = None
+            if rss > self.max_rss:
+                reason = f"RSS above the {self.max_rss / GB:.1f} GB cap"
+            elif mem_available_bytes() < self.min_avail:
+                reason = f"machine MemAvailable below {self.min_avail / GB:.1f} GB"
+            if reason:
+                self.killed = f"killed at {rss / GB:.1f} GB ({reason})"
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the child's own session: only what we started
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.5)
+
+    def wait(self) -> int:
+        rc = self.proc.wait()
+        self._thread.join(timeout=2)
+        self.log.close()
+        return rc
+
+
+def med(xs):
+    return statistics.median(xs) if xs else None
+
+
+def summarize(args, config, rounds: list[dict], peaks: list[int], failures: list[str]) -> dict:
+    res = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {
+            "cpu": cpu_model(),
+            "vcpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "loadavg_start": args.loadavg_start,
+            "loadavg_end": os.getloadavg(),
+        },
+        "config": args.config,
+        "block_out_channels": config["block_out_channels"],
+        "latent": args.latent,
+        "image": args.latent * 8,
+        "n": args.n,
+        "cfg_batch": 2 * args.n,
+        "sa32": args.sa,
+        "sa64": args.sa,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "rounds": len(rounds),
+        "failures": failures,
+        "source": source_revision(),
+        "onednn_max_cpu_isa": args.isa,
+    }
+    if not rounds:
+        return res
+    last = rounds[-1]
+    for key in ("versions", "params", "consistent_layers", "level_tokens", "gather_width", "bank_bytes_per_window"):
+        res[key] = last.get(key)
+    res["rss_after_load_gb"] = last["rss_after_load"] / GB
+    res["peak_rss_gb"] = max(r["maxrss"] for r in rounds) / GB
+    res["peak_rss_sampled_gb"] = max(peaks) / GB if peaks else None
+    res["checks"] = last["checks"]
+    times = {k: [x for r in rounds for x in r["times"][k]] for k in last["times"]}
+    res["median_s"] = {k: med(v) for k, v in times.items()}
+    res["round_medians_s"] = {k: [med(r["times"][k]) for r in rounds] for k in last["times"]}
+    plain = res["median_s"]["plain"]
+    res["compile_s"] = {
+        k: med([r["first_call_s"][k] for r in rounds])
+        - (res["median_s"]["plain"] if k == "plain" else res["median_s"][f"{k}_unet"])
+        for k in last["first_call_s"]
+    }
+    res["ratios"] = {}
+    for v in VARIANTS:
+        if f"{v}_unet" not in times:
+            continue
+        res["ratios"][v] = {
+            "unet": res["median_s"][f"{v}_unet"] / plain,
+            "total": res["median_s"][f"{v}_total"] / plain,
+            "unet_per_round": [
+                a / b for a, b in zip(res["round_medians_s"][f"{v}_unet"], res["round_medians_s"]["plain"])
+            ],
+            "added_ms": 1e3 * (res["median_s"][f"{v}_unet"] - plain),
+        }
+    res["step_s"] = times
+    return res
+
+
+def markdown(res: dict) -> str:
+    head = (
+        f"\n### config {res['config']} {res['block_out_channels']}, latent {res['latent']} "
+        f"({res['image']}x{res['image']}), write batch n={res['n']} (CFG batch {res['cfg_batch']}), "
+        f"sa32=sa64={res['sa32']}, all gates open\n\n"
+        f"{res['date']}, {res['machine']['vcpus']} vCPU {res['machine']['cpu']}, load average "
+        f"{res['machine']['loadavg_start'][0]:.1f} -> {res['machine']['loadavg_end'][0]:.1f}; "
+        f"{res['runs']} runs x {res['rounds']} rounds; source {res['source']}, ONEDNN_MAX_CPU_ISA "
+        f"{res['onednn_max_cpu_isa']}\n"
+    )
+    if "median_s" not in res:
+        return head + "\nno result: " + "; ".join(res["failures"])
+    m = res["median_s"]
+    rows = [
+        "| step | median s | UNet / plain | (per round) | step total / plain | added ms | inputs ms | "
+        "collect ms | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| plain | {m['plain']:.4g} | 1 | | | | | | {res['compile_s']['plain']:.1f} |",
+    ]
+    for v, r in res["ratios"].items():
+        rows.append(
+            f"| {v} | {m[f'{v}_unet']:.4g} | **{r['unet']:.2f}** | {', '.join(f'{x:.2f}' for x in r['unet_per_round'])}"
+            f" | {r['total']:.2f} | {r['added_ms']:.0f} | {1e3 * m[f'{v}_inputs']:.1f} | "
+            f"{1e3 * m[f'{v}_collect']:.1f} | {res['compile_s'][v]:.1f} |"
+        )
+    gw = res["gather_width"]
+    tail = [
+        f"\nparams {res['params'] / 1e6:.1f} M, {res['consistent_layers']} consistent layers, tokens per image at the "
+        f"two levels {res['level_tokens']}, gathered keys per image {gw}; RSS after load "
+        f"{res['rss_after_load_gb']:.2f} GB, peak {res['peak_rss_gb']:.2f} GB",
+        "checks (max rel diff): " + ", ".join(f"{k} {v:.2e}" for k, v in res["checks"].items()),
+    ]
+    if res["failures"]:
+        tail.append("failures: " + "; ".join(res["failures"]))
+    return head + "\n" + "\n".join(rows) + "\n" + "\n".join(tail)
+
+
+def parent_main(args) -> int:
+    config = unet_config(args.config)
+    args.loadavg_start = os.getloadavg()
+    print(
+        f"# story step: config {args.config}, latent {args.latent}, n {args.n}; MemAvailable "
+        f"{mem_available_bytes() / GB:.1f} GB, cap {args.max_rss_gb} GB; load {args.loadavg_start}",
+        flush=True,
+    )
+    workdir = Path(tempfile.mkdtemp(prefix="story_step_"))
+    config_file = workdir / "config.json"
+    config_file.write_text(json.dumps(config))
+    env = child_env(args.isa)
+    rounds, peaks, failures = [], [], []
+    for r in range(args.rounds):
+        out = workdir / f"round{r}.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            "--config_file",
+            str(config_file),
+            "--result",
+            str(out),
+            "--latent",
+            str(args.latent),
+            "--n",
+            str(args.n),
+            "--sa",
+            str(args.sa),
+            "--runs",
+            str(args.runs),
+            "--warmup",
+            str(args.warmup),
+            "--variants",
+            *args.variants,
+        ]
+        if not wait_for_memory(args.wait_free_gb, args.wait_s):
+            failures.append(f"round {r}: MemAvailable stayed below {args.wait_free_gb} GB")
+            break
+        child = Watched(cmd, env, workdir / f"log{r}.txt", int(args.max_rss_gb * GB), int(args.min_avail_gb * GB))
+        rc = child.wait()
+        peaks.append(child.peak)
+        if child.killed or rc != 0 or not out.exists():
+            failures.append(child.killed or f"round {r}: child exited with {rc}, see {workdir}/log{r}.txt")
+            print(f"## round {r + 1}: {failures[-1]}", flush=True)
+            break
+        rounds.append(json.loads(out.read_text()))
+        t = rounds[-1]["times"]
+        print(
+            f"## round {r + 1}: plain {med(t['plain']):.3f} s, "
+            + ", ".join(f"{v} {med(t[f'{v}_unet']):.3f} s" for v in args.variants),
+            flush=True,
+        )
+    res = summarize(args, config, rounds, peaks, failures)
+    dest = Path(args.out or ROOT / "benchmarks" / "results" / f"story_step_{Path(args.config).stem}_{args.latent}.json")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(res, indent=2))
+    print(markdown(res))
+    print(f"\nJSON: {dest}\nlogs: {workdir}")
+    return 0 if rounds else 1
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="tiny", help="tiny, mid, sdxl or a UNet config.json path")
+    p.add_argument("--latent", type=int, default=32, help="latent side (image side / 8)")
+    p.add_argument("--n", type=int, default=4, help="id images in the write batch (CFG batch 2n)")
+    p.add_argument("--sa", type=float, default=0.5, help="sa32 = sa64")
+    p.add_argument("--runs", type=int, default=10, help="timed runs per round (each: plain + every variant)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first compiles)")
+    p.add_argument("--rounds", type=int, default=1, help="fresh child processes")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--max_rss_gb", type=float, default=16.0)
+    p.add_argument("--min_avail_gb", type=float, default=1.5)
+    p.add_argument("--wait_free_gb", type=float, default=0.0, help="before each child, wait for this MemAvailable")
+    p.add_argument("--wait_s", type=float, default=3600.0)
+    p.add_argument("--isa", default="AVX2", help="ONEDNN_MAX_CPU_ISA for the children, or 'default' (see child_env)")
+    p.add_argument("--out", default=None)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--config_file", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        Path(args.result).write_text(json.dumps(child_main(args)))
+        return 0
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first call compiles)")
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,631 @@
+"""One SDXL UNet step (CFG batch 2): our MindSpore UNet in graph mode against diffusers' PyTorch UNet2DConditionModel.
+
+Both frameworks get the same random weights (``mindone_story.pretrained.random_weights``: every tensor seeded by its
+own name, so each child regenerates bit-identical arrays tensor by tensor instead of holding a second 10 GB copy; the
+children report a CRC32 over all weight bytes and the parent checks they agree) and the same inputs, on the same CPU.
+
+Each framework runs in its own subprocess, so peak RSS (``ru_maxrss`` inside the child) is that framework's alone. The
+parent holds no framework and runs a watchdog thread per child that reads the child's RSS (with its descendants) from
+/proc every 0.5 s and kills the child above ``--max_rss_gb`` (or when the machine's MemAvailable falls below
+``--min_avail_gb``); the result then says "killed at N GB" instead of the benchmark crashing the machine.
+
+Schedules: ``lockstep`` keeps both children alive and alternates single steps (torch, ms, torch, ms, ...), so both see
+the same background load; ``sequential`` runs one child after the other (needed when two copies of the weights do not
+fit in memory). ``auto`` picks lockstep when both fit. ``--rounds`` repeats the whole measurement (alternating which
+framework goes first); the reported medians are over all timed steps of all rounds.
+
+    python benchmarks/unet_step.py --config tiny --latent 32 --runs 20 --warmup 3 --rounds 3
+    python benchmarks/unet_step.py --config sdxl --latent 64 --runs 3 --warmup 1
+
+Prints a markdown table and writes a JSON file (``--out``, default benchmarks/results/unet_step_<config>_<latent>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+FRAMEWORKS = ("torch", "mindspore")
+GB = 1024**3
+SEED_TEXT = "unet-step-benchmark"
+
+
+# -- shared helpers ------------------------------------------------------------------------------------------------
+def preset_config(name: str) -> dict:
+    path = ROOT / "mindone_story" / "presets" / name / "unet" / "config.json"
+    return json.loads(path.read_text())
+
+
+def make_inputs(config: dict, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """CFG batch 2: latents, one timestep [1], text states [2, 77, cross], pooled embeds and SDXL time ids."""
+    rng = np.random.default_rng(seed)
+    add_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    size = float(latent * 8)
+    return {
+        "sample": rng.standard_normal((2, config["in_channels"], latent, latent)).astype(np.float32),
+        "timestep": np.array([500.0], np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, config["cross_attention_dim"])).astype(np.float32),
+        "text_embeds": rng.standard_normal((2, add_dim)).astype(np.float32),
+        "time_ids": np.tile(np.array([size, size, 0.0, 0.0, size, size], np.float32), (2, 1)),
+    }
+
+
+def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
+    """max|ours - ref| / max|ref|, the parity measure of the tests."""
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Current VmRSS of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def mem_available_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+# -- the child: one framework ---------------------------------------------------------------------------------------
+class LazyRandomWeights(Mapping):
+    """``random_weights`` one tensor at a time (each tensor is seeded by its own name, so values are identical)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], seed_text: str):
+        self.shapes = dict(shapes)
+        self.seed_text = seed_text
+        self.crc = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from mindone_story.pretrained import random_weights
+
+        value = random_weights({key: self.shapes[key]}, self.seed_text)[key]
+        self.crc[key] = zlib.crc32(value.tobytes())
+        return value
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.shapes[key]
+
+    def checksum(self) -> str:
+        digest = 0
+        for key in sorted(self.crc):
+            digest = zlib.crc32(f"{key}:{self.crc[key]}".encode(), digest)
+        return f"{digest:08x}"
+
+
+class Child:
+    def __init__(self, framework: str, config: dict, inputs: dict[str, np.ndarray], threads: int):
+        self.framework = framework
+        self.report = {"framework": framework}
+        self.report["rss_start"] = rss_bytes()
+        if framework == "torch":
+            self._setup_torch(config, inputs, threads)
+        else:
+            self._setup_mindspore(config, inputs)
+
+    def _setup_torch(self, config, inputs, threads):
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        torch.set_num_threads(threads)
+        self.report["versions"] = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
+        self.report["rss_after_import"] = rss_bytes()
+        with torch.device("meta"):  # no allocation: the weights come from the numpy arrays below
+            unet = UNet2DConditionModel.from_config(config)
+        unet.eval()
+        shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
+        self.weights = LazyRandomWeights(shapes, SEED_TEXT)
+        t0 = time.perf_counter()
+        state = {k: torch.from_numpy(self.weights[k]) for k in shapes}
+        unet.load_state_dict(state, strict=True, assign=True)
+        del state
+        self.report["load_s"] = time.perf_counter() - t0
+        self.report["params"] = int(sum(p.numel() for p in unet.parameters()))
+        self.report["rss_after_load"] = rss_bytes()
+        args = [torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
+        added = {"text_embeds": torch.from_numpy(inputs["text_embeds"]), "time_ids": torch.from_numpy(inputs["time_ids"])}
+
+        def step():
+            with torch.inference_mode():
+                return unet(*args, added_cond_kwargs=added, return_dict=False)[0].numpy()
+
+        self.step = step
+
+    def _setup_mindspore(self, config, inputs):
+        import mindspore as ms
+
+        from mindone_story.layers import set_device
+
+        set_device("CPU")
+        ms.runtime.launch_blocking()
+        from mindone_story.models.load import load_state, parameter_shapes
+        from mindone_story.pretrained import build_component
+
+        self.report["versions"] = {"mindspore": ms.__version__}
+        self.report["rss_after_import"] = rss_bytes()
+        unet = build_component("unet", config)
+        unet.set_train(False)
+        shapes = parameter_shapes(unet)
+        self.weights = LazyRandomWeights(shapes, SEED_TEXT)
+        t0 = time.perf_counter()
+        load_state(unet, self.weights, "random weights")
+        self.report["load_s"] = time.perf_counter() - t0
+        self.report["params"] = int(sum(int(np.prod(s)) for s in shapes.values()))
+        self.report["rss_after_load"] = rss_bytes()
+        args = [ms.Tensor(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
+        compiled = ms.jit(unet.construct)
+
+        def step():
+            return compiled(*args).asnumpy()
+
+        self.step = step
+
+    def timed_step(self) -> tuple[float, float, float]:
+        """Wall seconds of one step, process CPU seconds during it, and CPU seconds used while idle before it
+        (threads spinning between steps would steal cores from the other framework in lockstep)."""
+        c0 = time.process_time()
+        idle_cpu = c0 - getattr(self, "_cpu_end", c0)
+        t0 = time.perf_counter()
+        self.output = self.step()
+        wall = time.perf_counter() - t0
+        self._cpu_end = time.process_time()
+        return wall, self._cpu_end - c0, idle_cpu
+
+
+def child_main(args) -> None:
+    """Commands on stdin (one per line), one JSON line per command on the result fd."""
+    out = os.fdopen(args.result_fd, "w", buffering=1)
+
+    def send(obj):
+        out.write(json.dumps(obj) + "\n")
+
+    if args.ms_setup:  # candidate layer formulations, applied before the model is built
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("ms_setup", args.ms_setup)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["ms_setup"] = module  # graph compilation looks functions' globals up by module name
+        spec.loader.exec_module(module)
+    inputs = dict(np.load(args.inputs))
+    config = json.loads(Path(args.config_file).read_text())
+    child = Child(args.child, config, inputs, args.threads)
+    child.report["weights_crc32"] = child.weights.checksum()
+    child.report["rss_ready"] = rss_bytes()
+    child.report["maxrss_ready"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    send({"event": "ready", **child.report})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            wall, cpu, idle_cpu = child.timed_step()
+            send({"event": "step", "seconds": wall, "cpu_seconds": cpu, "idle_cpu_seconds": idle_cpu})
+        elif cmd == "finish":
+            np.save(args.output, child.output)
+            send({
+                "event": "finish",
+                "rss_end": rss_bytes(),
+                "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            })
+            break
+
+
+# -- the parent: scheduling, watchdog, report --------------------------------------------------------------------------
+class Killed(RuntimeError):
+    pass
+
+
+class Runner:
+    """One child process with a watchdog thread."""
+
+    def __init__(self, framework: str, args, workdir: Path, config_file: Path, inputs_file: Path):
+        self.framework = framework
+        self.max_rss = int(args.max_rss_gb * GB)
+        self.min_avail = int(args.min_avail_gb * GB)
+        self.output_file = workdir / f"out_{framework}.npy"
+        read_fd, write_fd = os.pipe()
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--child", framework, "--config_file", str(config_file),
+            "--inputs", str(inputs_file), "--output", str(self.output_file), "--result_fd", str(write_fd),
+            "--threads", str(args.threads),
+        ]
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        env.update(dict(kv.split("=", 1) for kv in (args.ms_env if framework == "mindspore" else args.torch_env)))
+        if framework == "mindspore":
+            if args.ms_setup:
+                cmd += ["--ms_setup", str(Path(args.ms_setup).resolve())]
+        self.timeout = args.timeout_s
+        self.log = open(workdir / f"log_{framework}.txt", "ab")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
+            start_new_session=True, env=env, text=True,
+        )
+        os.close(write_fd)
+        self.results = os.fdopen(read_fd, "r")
+        self.peak_sampled = 0
+        self.t0 = time.time()
+        self.timeline = []  # (seconds since start, GB) every 5 s
+        self.killed = None  # (reason, rss) once the watchdog has fired
+        self.phase = "setup"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+
+    def _tree_rss(self) -> int:
+        total, todo = 0, [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            total += rss_bytes(pid)
+            try:
+                for tid in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{tid}/children") as f:
+                        todo += [int(c) for c in f.read().split()]
+            except OSError:
+                pass
+        return total
+
+    def _watch(self) -> None:
+        while not self._stop.is_set() and self.proc.poll() is None:
+            rss = self._tree_rss()
+            self.peak_sampled = max(self.peak_sampled, rss)
+            now = time.time() - self.t0
+            if not self.timeline or now - self.timeline[-1][0] >= 5:
+                self.timeline.append((round(now, 1), round(rss / GB, 2), self.phase))
+            reason = None
+            if rss > self.max_rss:
+                reason = f"RSS above the {self.max_rss / GB:.1f} GB cap"
+            elif mem_available_bytes() < self.min_avail:
+                reason = f"machine MemAvailable below {self.min_avail / GB:.1f} GB"
+            if reason:
+                self.killed = (reason, rss)
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)  # the child's own session: only what we started
+                except ProcessLookupError:
+                    pass
+                return
+            time.sleep(0.5)
+
+    def receive(self, expected: str) -> dict:
+        ready, _, _ = select.select([self.results], [], [], self.timeout)
+        if not ready and self.proc.poll() is None:
+            self.killed = (f"no answer within --timeout_s {self.timeout:.0f} s", self._tree_rss())
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            raise Killed(f"killed after {self.timeout:.0f} s without an answer during {self.phase} "
+                         f"(RSS {self.killed[1] / GB:.1f} GB)")
+        line = self.results.readline()
+        if not line:
+            self.proc.wait()
+            if self.killed:
+                raise Killed(f"killed at {self.killed[1] / GB:.1f} GB ({self.killed[0]}) during {self.phase}")
+            raise RuntimeError(f"{self.framework} child exited with code {self.proc.returncode} during {self.phase}; "
+                               f"see {self.log.name}")
+        msg = json.loads(line)
+        assert msg["event"] == expected, msg
+        return msg
+
+    def command(self, cmd: str, expected: str) -> dict:
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        return self.receive(expected)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def run_framework_phases(runners: dict[str, Runner], state: dict[str, dict], order: list[str], args) -> None:
+    """Setup, warm-up, timed steps and finish for the given runners; lockstep when several are alive."""
+
+    def guarded(fw, fn):
+        if state[fw].get("killed") or state[fw].get("error"):
+            return
+        try:
+            fn()
+        except Killed as e:
+            state[fw]["killed"] = str(e)
+            print(f"  {fw}: {e}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on with the other framework
+            state[fw]["error"] = str(e)
+            print(f"  {fw}: ERROR {e}", flush=True)
+
+    def ready(fw):
+        msg = runners[fw].receive("ready")
+        state[fw].setdefault("setup", []).append(msg)
+        print(f"  {fw}: ready (load {msg['load_s']:.1f} s, RSS {msg['rss_ready'] / GB:.2f} GB)", flush=True)
+
+    def warm(fw):
+        runners[fw].phase = "warm-up (first call / graph compile)"
+        for i in range(args.warmup):
+            sec = runners[fw].command("step", "step")["seconds"]
+            state[fw].setdefault("warmup_s", []).append(sec)
+            if i == 0:
+                state[fw].setdefault("first_call_s", []).append(sec)
+            print(f"  {fw}: warm-up {i + 1}/{args.warmup}: {sec:.3f} s", flush=True)
+
+    def step(fw, i):
+        runners[fw].phase = "timed steps"
+        msg = runners[fw].command("step", "step")
+        sec = msg["seconds"]
+        state[fw].setdefault("step_s", []).append(sec)
+        state[fw].setdefault("cpu_s", []).append(msg["cpu_seconds"])
+        state[fw].setdefault("idle_cpu_s", []).append(msg["idle_cpu_seconds"])
+        state[fw].setdefault("round_steps", [[]])[-1].append(sec)
+        print(f"  {fw}: step {i + 1}/{args.runs}: {sec:.3f} s (CPU {msg['cpu_seconds']:.3f} s, "
+              f"idle CPU before {msg['idle_cpu_seconds']:.3f} s)", flush=True)
+
+    def finish(fw):
+        runners[fw].phase = "finish"
+        msg = runners[fw].command("finish", "finish")
+        state[fw].setdefault("finish", []).append(msg)
+        state[fw]["output_file"] = str(runners[fw].output_file)
+
+    for fw in order:
+        state[fw].setdefault("round_steps", []).append([])
+        guarded(fw, lambda: ready(fw))
+    for fw in order:
+        guarded(fw, lambda: warm(fw))
+    for i in range(args.runs):
+        for fw in order:
+            guarded(fw, lambda: step(fw, i))
+    for fw in order:
+        guarded(fw, lambda: finish(fw))
+
+
+def parent_main(args) -> int:
+    config = preset_config(args.config)
+    latent = args.latent or (32 if args.config == "tiny" else 64)
+    frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
+    inputs = make_inputs(config, latent)
+    avail = mem_available_bytes()
+    print(f"# UNet step benchmark: config {args.config}, latent {latent} ({latent * 8}x{latent * 8}), CFG batch 2, "
+          f"frameworks {frameworks}; MemAvailable {avail / GB:.1f} GB, cap {args.max_rss_gb} GB per child", flush=True)
+    if args.min_free_gb:
+        deadline = time.time() + args.wait_for_memory_s
+        while mem_available_bytes() < args.min_free_gb * GB:
+            if time.time() > deadline:
+                print(f"only {mem_available_bytes() / GB:.1f} GB available (< {args.min_free_gb} GB): not running",
+                      flush=True)
+                return 2
+            print(f"  waiting: {mem_available_bytes() / GB:.1f} GB available < {args.min_free_gb} GB", flush=True)
+            time.sleep(30)
+
+    # both children alive at once only if two copies of the weights fit comfortably
+    weight_bytes = 4 * approx_params(config)
+    schedule = args.schedule
+    if schedule == "auto":
+        schedule = "lockstep" if len(frameworks) > 1 and 3 * weight_bytes + 4 * GB < avail and weight_bytes < GB else "sequential"
+    print(f"  schedule {schedule} ({weight_bytes / GB:.2f} GB of fp32 weights per framework)", flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="unet_step_"))
+    config_file = workdir / "config.json"
+    config_file.write_text(json.dumps(config))
+    inputs_file = workdir / "inputs.npz"
+    np.savez(inputs_file, **inputs)
+
+    state = {fw: {} for fw in frameworks}
+    peaks = {fw: [] for fw in frameworks}
+    for r in range(args.rounds):
+        order = frameworks if r % 2 == 0 else frameworks[::-1]
+        print(f"## round {r + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
+        groups = [order] if schedule == "lockstep" else [[fw] for fw in order]
+        for group in groups:
+            runners = {}
+            try:
+                for fw in group:
+                    if state[fw].get("killed") or state[fw].get("error"):
+                        continue
+                    runners[fw] = Runner(fw, args, workdir, config_file, inputs_file)
+                alive = [fw for fw in group if fw in runners]
+                run_framework_phases(runners, state, alive, args)
+            finally:
+                for fw, runner in runners.items():
+                    runner.close()
+                    peaks[fw].append(runner.peak_sampled)
+                    state[fw].setdefault("rss_timeline", []).append(runner.timeline)
+
+    result = summarize(args, config, latent, schedule, state, peaks, inputs)
+    result["workdir"] = str(workdir)
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"unet_step_{args.config}_{latent}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(markdown_table(result))
+    print(f"\nJSON: {out}\nlogs: {workdir}/log_*.txt")
+    return 0
+
+
+def approx_params(config: dict) -> int:
+    """Parameter count estimate without a framework: 2.57 B for the SDXL preset, scaled by channels^2 otherwise."""
+    ch = config["block_out_channels"][-1]
+    depth = sum(config["transformer_layers_per_block"])
+    return int(2.567e9 * (ch / 1280) ** 2 * (depth + 4) / (13 + 4))
+
+
+def summarize(args, config, latent, schedule, state, peaks, inputs) -> dict:
+    res = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "vcpus": os.cpu_count(), "mem_total_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB, 1),
+                    "python": platform.python_version()},
+        "config": args.config, "latent": latent, "image": latent * 8, "batch": 2, "runs": args.runs,
+        "warmup": args.warmup, "rounds": args.rounds, "schedule": schedule, "threads": args.threads,
+        "max_rss_gb": args.max_rss_gb, "ms_env": args.ms_env, "torch_env": args.torch_env,
+        "ms_setup": args.ms_setup, "frameworks": {},
+    }
+    for fw, st in state.items():
+        r = {}
+        if st.get("setup"):
+            s = st["setup"][-1]
+            r.update(versions=s["versions"], params=s["params"], weights_crc32=s["weights_crc32"],
+                     load_s=s["load_s"], rss_after_import_gb=s["rss_after_import"] / GB,
+                     rss_after_load_gb=s["rss_after_load"] / GB)
+        if st.get("step_s"):
+            r["median_s"] = statistics.median(st["step_s"])
+            r["min_s"] = min(st["step_s"])
+            r["step_s"] = st["step_s"]
+            r["median_cpu_s"] = statistics.median(st["cpu_s"])
+            r["median_idle_cpu_s"] = statistics.median(st["idle_cpu_s"])
+            r["round_medians_s"] = [statistics.median(x) for x in st.get("round_steps", []) if x]
+        if st.get("first_call_s"):
+            r["first_call_s"] = st["first_call_s"]
+            if r.get("median_s") is not None:
+                r["compile_s"] = statistics.median(st["first_call_s"]) - r["median_s"]
+        if st.get("finish"):
+            r["peak_rss_gb"] = max(f["maxrss"] for f in st["finish"]) / GB
+            if "rss_after_load_gb" in r:
+                r["peak_over_loaded_gb"] = r["peak_rss_gb"] - r["rss_after_load_gb"]
+        if peaks.get(fw):
+            r["peak_rss_sampled_gb"] = max(peaks[fw]) / GB
+        r["rss_timeline_gb"] = st.get("rss_timeline", [])
+        for key in ("killed", "error"):
+            if st.get(key):
+                r[key] = st[key]
+        res["frameworks"][fw] = r
+    t, m = res["frameworks"].get("torch", {}), res["frameworks"].get("mindspore", {})
+    if t.get("median_s") and m.get("median_s"):
+        res["ratio_ms_over_torch"] = m["median_s"] / t["median_s"]
+        rounds = [a / b for a, b in zip(m.get("round_medians_s", []), t.get("round_medians_s", []))]
+        res["round_ratios"] = rounds
+        if rounds:
+            res["ratio_median_of_rounds"] = statistics.median(rounds)
+    if t.get("weights_crc32") and m.get("weights_crc32"):
+        res["same_weights"] = t["weights_crc32"] == m["weights_crc32"]
+    files = {fw: state[fw].get("output_file") for fw in state}
+    if files.get("torch") and files.get("mindspore"):
+        a, b = np.load(files["mindspore"]), np.load(files["torch"])
+        res["max_rel_err"] = rel_err(a, b)
+        res["max_abs_err"] = float(np.abs(a.astype(np.float64) - b).max())
+        res["output_abs_max"] = float(np.abs(b).max())
+    return res
+
+
+def markdown_table(res: dict) -> str:
+    def f(v, fmt):
+        return fmt.format(v) if isinstance(v, (int, float)) else "–"
+
+    head = (f"\n### UNet step, config {res['config']}, latent {res['latent']} ({res['image']}x{res['image']}), CFG batch 2 "
+            f"({res['date']}, {res['machine']['vcpus']} vCPU {res['machine']['cpu']}, schedule {res['schedule']}, "
+            f"{res['runs']} runs x {res['rounds']} rounds"
+            + (f"; MindSpore env {' '.join(res['ms_env'])}" if res.get("ms_env") else "")
+            + (f"; MindSpore setup {Path(res['ms_setup']).name}" if res.get("ms_setup") else "")
+            + (f"; PyTorch env {' '.join(res['torch_env'])}" if res.get("torch_env") else "") + ")\n")
+    rows = ["| framework | median s/step | min s/step | median CPU s/step | compile s (first call − median) | "
+            "RSS after load GB | peak RSS GB (ru_maxrss) | peak − loaded GB |", "|---|---|---|---|---|---|---|---|"]
+    for fw, r in res["frameworks"].items():
+        if r.get("killed") or r.get("error"):
+            note = r.get("killed") or r.get("error")
+            rows.append(f"| {fw} | {note} | | | | {f(r.get('rss_after_load_gb'), '{:.2f}')} | "
+                        f"sampled {f(r.get('peak_rss_sampled_gb'), '{:.1f}')} | |")
+            continue
+        rows.append(
+            f"| {fw} | {f(r.get('median_s'), '{:.4g}')} | {f(r.get('min_s'), '{:.4g}')} | {f(r.get('median_cpu_s'), '{:.4g}')} | "
+            f"{f(r.get('compile_s'), '{:.1f}') if fw == 'mindspore' else '–'} | {f(r.get('rss_after_load_gb'), '{:.2f}')} | "
+            f"{f(r.get('peak_rss_gb'), '{:.2f}')} | {f(r.get('peak_over_loaded_gb'), '{:.2f}')} |"
+        )
+    tail = []
+    if "ratio_ms_over_torch" in res:
+        tail.append(f"MindSpore / PyTorch time ratio: {res['ratio_ms_over_torch']:.2f} "
+                    f"(per round: {', '.join(f'{x:.2f}' for x in res['round_ratios'])})")
+    if "max_rel_err" in res:
+        tail.append(f"max relative error (max|ms − torch| / max|torch|): {res['max_rel_err']:.2e} "
+                    f"(max abs {res['max_abs_err']:.2e}, output max {res['output_abs_max']:.3g}); same weights: "
+                    f"{res.get('same_weights')}")
+    return head + "\n".join(rows) + ("\n\n" + "\n".join(tail) if tail else "")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
+    p.add_argument("--latent", type=int, default=None, help="latent side (default 32 for tiny, 64 for sdxl)")
+    p.add_argument("--runs", type=int, default=10, help="timed steps per framework per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles the graph)")
+    p.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating which framework goes first")
+    p.add_argument("--framework", choices=["both", *FRAMEWORKS], default="both")
+    p.add_argument("--schedule", choices=["auto", "lockstep", "sequential"], default="auto")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--max_rss_gb", type=float, default=16.0, help="watchdog: kill a child whose RSS exceeds this")
+    p.add_argument("--min_avail_gb", type=float, default=1.0, help="watchdog: kill a child if MemAvailable drops below")
+    p.add_argument("--min_free_gb", type=float, default=None,
+                   help="wait before starting until MemAvailable reaches this (default 18 for sdxl, 0 for tiny)")
+    p.add_argument("--wait_for_memory_s", type=float, default=1800)
+    p.add_argument("--timeout_s", type=float, default=3600, help="kill a child that does not answer a step in this time")
+    p.add_argument("--ms_env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the MindSpore child only, e.g. ONEDNN_MAX_CPU_ISA=AVX2 (repeatable)")
+    p.add_argument("--torch_env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the PyTorch child only, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)")
+    p.add_argument("--ms_setup", default=None, metavar="PY_FILE",
+                   help="Python file run in the MindSpore child before the model is built (to measure a candidate "
+                        "layer formulation without editing the library)")
+    p.add_argument("--out", default=None, help="JSON result path")
+    # child-side arguments (internal)
+    p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)
+    p.add_argument("--config_file", help=argparse.SUPPRESS)
+    p.add_argument("--inputs", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    p.add_argument("--result_fd", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        child_main(args)
+        return 0
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1 (the first call compiles)")
+    if args.min_free_gb is None:
+        args.min_free_gb = 18.0 if args.config == "sdxl" else 0.0
+    return parent_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
