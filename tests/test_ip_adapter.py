@@ -52,7 +52,7 @@ def test_unet_with_ip_adapter_matches_diffusers(micro, mode, variant, stem):
     unet, io = micro
     encoder = json.loads((LAYOUTS / "configs" / "image_encoder" / "config.json").read_text())
     adapter = load_ip_adapter(LAYOUTS / f"{stem}.safetensors", unet.config, encoder)
-    install(unet, adapter.modules)
+    install(unet, adapter)
     try:
         embeds = io[f"{variant}.image_embeds"]
         project = _run(adapter.project, mode)
@@ -61,7 +61,7 @@ def test_unet_with_ip_adapter_matches_diffusers(micro, mode, variant, stem):
         story = ms.mutable((Tensor(np.float32(1.0)), keys, values))
         out = unet(*[Tensor(io[k]) for k in UNET_ARGS], story).asnumpy()
     finally:
-        uninstall(unet, adapter.modules)
+        uninstall(unet, adapter)
     assert rel_err(out, io[f"{variant}.out"]) < TOL
     assert rel_err(io["noip.out"], io[f"{variant}.out"]) > 0.05  # the adapter matters: the test can fail
 

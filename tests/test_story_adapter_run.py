@@ -99,6 +99,7 @@ def test_killed_run_resumes_to_the_same_images(tmp_path):
     assert (cut / "round_01" / "panel_000.png").stat().st_mtime_ns == kept  # the finished panel was not redone
     record = json.loads((cut / "story.json").read_text())
     assert record["progress"] == {"round": 2, "panels": 2, "done": True}
+    assert sum(record["panels"], []) == sorted(pngs(whole))
     assert [(e["round"], e["panels_made"]) for e in record["log"]] == [(0, 2), (1, 1), (2, 2)]
     assert [e["reference_encodings"] for e in record["log"]] == [0, 2, 2]  # N encodings per round, not N^2
     assert record["seed"] == 7 and record["scales"] == [0.3, 0.5]

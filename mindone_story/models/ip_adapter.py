@@ -5,8 +5,9 @@ Decoupled cross-attention (IP-Adapter, and Story-Adapter's GRCA on top of it) re
 (attn2; 70 in SDXL) by ``to_out(attn(q, k_text, v_text) + scale * attn(q, k_ip, v_ip))``, each branch with its own
 softmax. The image tokens' K/V do not depend on the latents, the step or the panel, only on the reference images, so
 here they are computed once (``IPAdapter.reference_kv``) and enter the compiled UNet as tensors through its
-``story`` tuple: ``(scale [], keys, values)``, where ``keys[l]`` / ``values[l]`` are ``[2, T, C_l]`` for attn2 layer
-``l`` (row 0 the unconditional CFG half, row 1 the conditional one). ``story=None`` is plain text cross-attention.
+``story`` tuple: ``(scale [], keys, values)``, where ``keys[l]`` / ``values[l]`` are ``[2, heads, T, head_dim]`` for
+attn2 layer ``l`` (row 0 the unconditional CFG half, row 1 the conditional one), already split into heads so no step
+transposes them again. ``story=None`` is plain text cross-attention.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ class IPAdapter(nn.Cell):
         else:
             raise ValueError(f"unknown image projection {info['kind']!r}")
         self.layers = nn.CellList([IPKV(hidden, ctx) for _, hidden in modules])
+        self.heads: tuple[int, ...] | None = None  # each attn2 layer's heads, set by install()
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -158,10 +160,12 @@ class IPAdapter(nn.Cell):
         return tokens.reshape(1, -1, tokens.shape[-1])
 
     def reference_kv(self, tokens: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Reference tokens [2, T, ctx] (uncond, cond) -> per-layer keys and values, each [2, T, C_l]."""
+        """Reference tokens [2, T, ctx] (uncond, cond) -> per-layer keys and values, each [2, heads_l, T, d_l]."""
+        if self.heads is None:
+            raise RuntimeError("install(unet, ip_adapter) first: the K/V are split into the UNet's heads")
         return (
-            tuple(layer.to_k_ip(tokens) for layer in self.layers),
-            tuple(layer.to_v_ip(tokens) for layer in self.layers),
+            tuple(split_heads(layer.to_k_ip(tokens), h) for layer, h in zip(self.layers, self.heads)),
+            tuple(split_heads(layer.to_v_ip(tokens), h) for layer, h in zip(self.layers, self.heads)),
         )
 
 
@@ -178,14 +182,13 @@ class DecoupledCrossAttention(nn.Cell):
         if story is None:
             return attn.out(out)
         scale, keys, values = story
-        batch, heads = x.shape[0], attn.heads
+        batch = x.shape[0]
         k_ip, v_ip = keys[self.layer].astype(x.dtype), values[self.layer].astype(x.dtype)
         if batch != 2:  # n panels per CFG half share the half's reference tokens
-            n, t, c = batch // 2, k_ip.shape[1], k_ip.shape[2]
-            k_ip = ops.broadcast_to(k_ip.reshape(2, 1, t, c), (2, n, t, c)).reshape(batch, t, c)
-            v_ip = ops.broadcast_to(v_ip.reshape(2, 1, t, c), (2, n, t, c)).reshape(batch, t, c)
-        ip = attention(q, split_heads(k_ip, heads), split_heads(v_ip, heads))
-        return attn.out(out + scale.astype(x.dtype) * ip)
+            shape = k_ip.shape[1:]
+            k_ip = ops.broadcast_to(k_ip.reshape((2, 1) + shape), (2, batch // 2) + shape).reshape((batch,) + shape)
+            v_ip = ops.broadcast_to(v_ip.reshape((2, 1) + shape), (2, batch // 2) + shape).reshape((batch,) + shape)
+        return attn.out(out + scale.astype(x.dtype) * attention(q, k_ip, v_ip))
 
 
 def attn2_modules(unet, modules: Sequence[str]) -> list:
@@ -201,15 +204,18 @@ def attn2_modules(unet, modules: Sequence[str]) -> list:
     return cells
 
 
-def install(unet, modules: Sequence[str]) -> list[DecoupledCrossAttention]:
-    """Put a decoupled cross-attention processor on each attn2 module, numbered in IP-Adapter's order."""
+def install(unet, ip_adapter: IPAdapter) -> list[DecoupledCrossAttention]:
+    """Put a decoupled cross-attention processor on each attn2 module, numbered in IP-Adapter's order, and give
+    the adapter each layer's head count (its K/V come out split into heads)."""
+    cells = attn2_modules(unet, ip_adapter.modules)
+    ip_adapter.heads = tuple(attn.heads for attn in cells)
     processors = []
-    for k, attn in enumerate(attn2_modules(unet, modules)):
+    for k, attn in enumerate(cells):
         attn.processor = DecoupledCrossAttention(k)
         processors.append(attn.processor)
     return processors
 
 
-def uninstall(unet, modules: Sequence[str]) -> None:
-    for attn in attn2_modules(unet, modules):
+def uninstall(unet, ip_adapter: IPAdapter) -> None:
+    for attn in attn2_modules(unet, ip_adapter.modules):
         attn.processor = None

@@ -107,7 +107,7 @@ class StoryAdapterPipeline:
 
     def __init__(self, models: SDXLModels, ip: IPAdapterModels, mode: str = "graph"):
         self.sdxl = SDXLPipeline(dataclasses.replace(models, scheduler_config=dict(DDIM_CONFIG)), mode=mode)
-        install(models.unet, ip.ip_adapter.modules)
+        install(models.unet, ip.ip_adapter)
         self.references = ReferenceEncoder(ip.image_encoder, ip.ip_adapter, mode)
         self.mode = mode
         self.fingerprints = {"base_model": models.fingerprint, "ip_adapter_and_image_encoder": ip.fingerprint}
@@ -185,14 +185,17 @@ class StoryRecord:
             "mode": self.mode,
             "models": self.models,
             "progress": self.progress,
-            "panels": [
-                [panel_path(r, i) for i in range(len(s.prompts))]
-                for r in range(self.progress["round"] + 1)
-                if r <= s.rounds
-            ],
+            "panels": self.finished_panels(),
             "log": self.log,
         }
         return json.dumps(record, indent=2, ensure_ascii=False)
+
+    def finished_panels(self) -> list[list[str]]:
+        """The files written so far, per round."""
+        n, current = len(self.settings.prompts), self.progress["round"]
+        return [
+            [panel_path(r, i) for i in range(n if r < current else self.progress["panels"])] for r in range(current + 1)
+        ]
 
     @classmethod
     def read(cls, folder: Path) -> StoryRecord:
@@ -243,7 +246,8 @@ def generate_story(
     else:
         if (out / RECORD).exists():
             raise FileExistsError(f"{out / RECORD} exists: pass resume=True (--resume) or choose another output folder")
-        record = StoryRecord(settings, {**(models or {}), **pipe.fingerprints}, pipe.mode)
+        paths = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in (models or {}).items()}
+        record = StoryRecord(settings, {**paths, **pipe.fingerprints}, pipe.mode)
         out.mkdir(parents=True, exist_ok=True)
         record.save(out)
 
