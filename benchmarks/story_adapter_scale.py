@@ -11,7 +11,7 @@ so it would show the original's N per panel, N^2 per round), and the process's p
 
 On a shared machine the load drifts between those processes, so the per-panel comparison across N is also
 measured in one more process that holds the references of every N and times single panels in rotation
-(N=10, 50, 100, 10, ...; ``--reps`` panels per N): the median of those is the column to compare.
+(10, 50, 100, 100, 50, 10, ...; ``--reps`` panels per N): the median of those is the column to compare.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def interleaved(ns: list[int], mode: str, steps: int, size: int, reps: int) -> d
         pipe.panel(settings.model_prompts[0], pipe.noise(settings), settings, runs[n][1])  # compile this N
     times: dict[int, list[float]] = {n: [] for n in ns}
     for rep in range(reps):
-        for n in ns:
+        for n in ns if rep % 2 == 0 else ns[::-1]:  # alternate the order: no N always runs after the same one
             settings, reference = runs[n]
             t = time.perf_counter()
             pipe.panel(settings.model_prompts[rep % n], pipe.noise(settings), settings, reference)

@@ -353,8 +353,11 @@ class Runner:
             pass
         return self.receive(expected)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
         self._stop.set()
+        if kill and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
@@ -427,6 +430,7 @@ def run_framework_phases(runners: dict[str, Runner], state: dict[str, dict], ord
 
 
 def parent_main(args) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` blocks
     config = preset_config(args.config)
     latent = args.latent or (32 if args.config == "tiny" else 64)
     frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
@@ -464,7 +468,7 @@ def parent_main(args) -> int:
         print(f"## round {r + 1}/{args.rounds}: {' then '.join(order)}", flush=True)
         groups = [order] if schedule == "lockstep" else [[fw] for fw in order]
         for group in groups:
-            runners = {}
+            runners, ok = {}, False
             try:
                 for fw in group:
                     if state[fw].get("killed") or state[fw].get("error"):
@@ -472,9 +476,10 @@ def parent_main(args) -> int:
                     runners[fw] = Runner(fw, args, workdir, config_file, inputs_file)
                 alive = [fw for fw in group if fw in runners]
                 run_framework_phases(runners, state, alive, args)
-            finally:
+                ok = True
+            finally:  # on Ctrl-C / SIGTERM the children (in their own sessions) are killed, not left running
                 for fw, runner in runners.items():
-                    runner.close()
+                    runner.close(kill=not ok)
                     peaks[fw].append(runner.peak_sampled)
                     state[fw].setdefault("rss_timeline", []).append(runner.timeline)
 
