@@ -69,25 +69,88 @@ class Linear(nn.Cell):
 
 class Conv2d(nn.Cell):
     """NCHW convolution. ``padding`` is an int or (top, bottom, left, right), which also covers the VAE's
-    asymmetric pad-then-stride-2 downsampling without a separate pad op (ConstantPadND has no CPU kernel)."""
+    asymmetric pad-then-stride-2 downsampling without a separate pad op (ConstantPadND has no CPU kernel).
+
+    On CPU the convolution is one MatMul over an im2col built from contiguous slices (``_conv_as_matmul``): on
+    AVX-512 CPUs oneDNN runs MindSpore's plain-layout Conv2D on a reference kernel, 100x slower than PyTorch.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding=0, bias=True):
         super().__init__()
         self.weight = _zeros(out_channels, in_channels, kernel_size, kernel_size)
         self.bias = _zeros(out_channels) if bias else None
         self.has_bias = bias
-        pad = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
-        self.ascend = on_ascend() and pad[0] == pad[1] == pad[2] == pad[3]
-        self.stride, self.padding = stride, pad[0]
-        self.conv = ops.Conv2D(out_channels, kernel_size, pad_mode="pad", pad=pad, stride=stride)
+        self.pad = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
+        self.kernel_size, self.stride = kernel_size, stride
+        self.ascend = on_ascend()
 
     def construct(self, x: Tensor) -> Tensor:
+        pad = self.pad
         if self.ascend:
-            return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, self.padding)
-        y = self.conv(x, self.weight)
+            if not pad[0] == pad[1] == pad[2] == pad[3]:
+                x = _zero_pad(x, pad[0], pad[1], pad[2], pad[3])
+                pad = (0, 0, 0, 0)
+            return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, pad[0])
+        y = _conv_as_matmul(x, self.weight, self.stride, pad)
         if self.has_bias:
             y = ops.bias_add(y, self.bias)
         return y
+
+
+# Largest im2col buffer (bytes) built at once; bigger convolutions (the VAE at 1024 px) run in bands of rows.
+_IM2COL_BYTES = 1 << 29
+
+
+def _zero_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tensor:
+    """Zero padding of the last two axes by concatenation (fast on CPU, where the Pad kernels are slow or absent)."""
+    b, c, h, w = x.shape
+    if left or right:
+        parts = (ops.zeros((b, c, h, left), x.dtype),) if left else ()
+        parts += (x,)
+        parts += (ops.zeros((b, c, h, right), x.dtype),) if right else ()
+        x = ops.concat(parts, 3)
+        w = w + left + right
+    if top or bottom:
+        parts = (ops.zeros((b, c, top, w), x.dtype),) if top else ()
+        parts += (x,)
+        parts += (ops.zeros((b, c, bottom, w), x.dtype),) if bottom else ()
+        x = ops.concat(parts, 2)
+    return x
+
+
+def _conv_as_matmul(x: Tensor, weight: Tensor, stride: int, pad: tuple) -> Tensor:
+    """Convolution as W[O, C*k*k] @ cols[B, C*k*k, rows*Wq].
+
+    The padded input is split into its stride x stride phases, each flattened to [Hq*Wq]. Tap (i, j) of the kernel
+    then reads phase (i % s, j % s) at the flat offset (i // s) * Wq + j // s, so every im2col block is a contiguous
+    slice; outputs are computed on the phase width Wq and the surplus columns are cropped at the end.
+    """
+    b, c, h, w = x.shape
+    o, k, s = weight.shape[0], weight.shape[2], stride
+    w2d = weight.reshape(o, c * k * k)
+    top, bottom, left, right = pad
+    if k == 1 and s == 1 and top + bottom + left + right == 0:
+        return ops.matmul(w2d, x.reshape(b, c, h * w)).reshape(b, o, h, w)
+    ho, wo = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
+    reach = (k - 1) // s
+    hq, wq = ho + reach + 1, -(-(w + left + right) // s)  # one spare phase row keeps the last flat slice in range
+    x = _zero_pad(x, top, hq * s - h - top, left, wq * s - w - left)
+    if s == 1:
+        phases = x.reshape(b, c, hq * wq)
+    else:  # [B, C, s*s phases of hq*wq]; kept 3-D because indexing a phase axis is a slow gather on CPU
+        phases = x.reshape(b, c, hq, s, wq, s).transpose(0, 1, 3, 5, 2, 4).reshape(b, c, s * s * hq * wq)
+    rows_per_band = max(1, min(ho, _IM2COL_BYTES // (b * c * k * k * wq * 4)))
+    bands = ()
+    for r0 in range(0, ho, rows_per_band):
+        n = min(rows_per_band, ho - r0) * wq
+        taps = ()
+        for i in range(k):
+            for j in range(k):
+                start = ((i % s) * s + j % s) * hq * wq + (i // s) * wq + j // s + r0 * wq
+                taps += (phases[:, :, start : start + n],)
+        bands += (ops.matmul(w2d, ops.stack(taps, 2).reshape(b, c * k * k, n)),)
+    y = bands[0] if len(bands) == 1 else ops.concat(bands, 2)
+    return y.reshape(b, o, ho, wq)[:, :, :, :wo]
 
 
 class GroupNorm(nn.Cell):
