@@ -21,11 +21,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from run import build_story, dtype_of, save_png, write_json  # the StoryDiffusion CLI beside this file
+from run import build_story, dtype_of  # the StoryDiffusion CLI beside this file
 
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StorySettings
-from mindone_story.story.comic import LAYOUTS, make_pages
+from mindone_story.story.comic import LAYOUTS
+from mindone_story.story.output import write_story
 from mindone_story.story.prompts import STYLE_NAMES, Story
 
 Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
@@ -174,55 +175,8 @@ def run_story_diffusion(
     progress: Progress | None = None,
     extra: dict | None = None,
 ) -> tuple[list[Path], list[Path]]:
-    """Generate the story into ``out`` as run.py does (panels as they are decoded, pages, story.json written
-    atomically after each); returns the panel and page files."""
-    positive, negative = pipe.prompts(story, settings)
-    record = {
-        "method": "StoryDiffusion",
-        "model": model,
-        "model_fingerprint": pipe.sdxl.models.fingerprint,
-        "settings": settings.to_dict() | {"id_length": story.id_length} | (extra or {}),
-        "typesetting": typesetting,
-        "font_size": font_size,
-        "characters": {c.name: c.description for c in story.characters},
-        "id_panels": story.id_panels,
-        "panels": [
-            {
-                "index": i,
-                "text": p.text,
-                "prompt": positive[i],
-                "negative_prompt": negative[i],
-                "caption": p.caption,
-                "characters": list(p.characters),
-                "noise_seed": [settings.seed, i],
-                "file": None,
-            }
-            for i, p in enumerate(story.panels)
-        ],
-        "pages": [],
-    }
-    write_json(record, out / "story.json")
-    start, total, done = time.time(), len(story.panels), []
-    if progress:
-        progress(0, total, "panels")
-
-    def on_panel(index, image):
-        name = f"panel_{index:03d}.png"
-        save_png(image, out / name)
-        record["panels"][index]["file"] = name
-        write_json(record, out / "story.json")
-        done.append(index)
-        if progress:
-            progress(len(done), total, f"panel {index + 1}")
-
-    images = pipe(story, settings, on_panel=on_panel, progress=False)
-    pages = make_pages([images[i] for i in range(total)], typesetting, story.captions, font_size, seed=settings.seed)
-    for k, page in enumerate(pages):
-        save_png(page, out / f"page_{k:02d}.png")
-    record["pages"] = [f"page_{k:02d}.png" for k in range(len(pages))]
-    record["seconds"] = round(time.time() - start, 2)
-    write_json(record, out / "story.json")
-    return [out / p["file"] for p in record["panels"]], [out / name for name in record["pages"]]
+    """Generate the story into ``out`` as run.py does; returns the panel and page files."""
+    return write_story(pipe, story, settings, out, typesetting, font_size, model, extra, progress, show_progress=False)
 
 
 def zip_folder(folder: Path) -> Path:

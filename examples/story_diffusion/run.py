@@ -15,18 +15,14 @@ it describes the one character of every panel, as in the original notebook.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from pathlib import Path
-
-from PIL import Image
 
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.schedulers import SCHEDULERS
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionPipeline, StorySettings
-from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
+from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS
+from mindone_story.story.output import write_story
 from mindone_story.story.prompts import STYLE_NAMES, Story, parse_story
 
 # the default story of mindone's run.py: six actions and two more, for one character
@@ -100,18 +96,6 @@ def build_story(general_prompt: str, story_file: str | None, id_length: int) -> 
     return parse_story(f"[{HERO}] {general_prompt}", lines, id_length)
 
 
-def save_png(image: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def write_json(data: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def dtype_of(name: str | None):
     import mindspore as ms
 
@@ -163,48 +147,9 @@ def main(argv=None) -> int:
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype_of(args.dtype))
     pipe = StoryDiffusionPipeline(models, mode=args.mode)
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    positive, negative = pipe.prompts(story, settings)
-    record = {
-        "method": "StoryDiffusion",
-        "model": str(model),
-        "model_fingerprint": models.fingerprint,
-        "settings": settings.to_dict() | {"id_length": story.id_length, "mode": args.mode, "dtype": args.dtype},
-        "characters": {c.name: c.description for c in story.characters},
-        "id_panels": story.id_panels,
-        "panels": [
-            {
-                "index": i,
-                "text": p.text,
-                "prompt": positive[i],
-                "negative_prompt": negative[i],
-                "caption": p.caption,
-                "characters": list(p.characters),
-                "noise_seed": [settings.seed, i],
-                "file": None,
-            }
-            for i, p in enumerate(story.panels)
-        ],
-        "pages": [],
-    }
-    write_json(record, out / "story.json")
-    start = time.time()
-
-    def on_panel(index: int, image: Image.Image) -> None:  # each panel is saved as soon as it exists
-        name = f"panel_{index:03d}.png"
-        save_png(image, out / name)
-        record["panels"][index]["file"] = name
-        write_json(record, out / "story.json")
-
-    images = pipe(story, settings, on_panel=on_panel)
-    ordered = [images[i] for i in range(len(story.panels))]
-    pages = make_pages(ordered, args.typesetting, story.captions, args.font_size, seed=args.seed)
-    for k, page in enumerate(pages):
-        save_png(page, out / f"page_{k:02d}.png")
-    record["pages"] = [f"page_{k:02d}.png" for k in range(len(pages))]
-    record["seconds"] = round(time.time() - start, 2)
-    write_json(record, out / "story.json")
-    print(f"wrote {len(ordered)} panels and {len(pages)} page(s) to {out}")
+    extra = {"mode": args.mode, "dtype": args.dtype}
+    panels, pages = write_story(pipe, story, settings, out, args.typesetting, args.font_size, model, extra)
+    print(f"wrote {len(panels)} panels and {len(pages)} page(s) to {out}")
     return 0
 
 

@@ -15,7 +15,6 @@ are read back from round r-1's PNG files (lossless), so a resumed run gives the 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import time
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
 from ..story.grca import REFERENCE_SIZE, GlobalReference, ReferenceEncoder, round_scales
+from ..story.output import RECORD, png_bytes, write_atomic
 from .sdxl import SDXLPipeline
 
 # "{prompt}" is replaced verbatim (prompts may hold braces); the strings are the original's.
@@ -53,7 +53,6 @@ DDIM_CONFIG: dict[str, Any] = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
-RECORD = "story.json"
 
 
 def styled(prompt: str, style: str) -> str:
@@ -142,22 +141,6 @@ class StoryAdapterPipeline:
 
 
 # -- the output folder ----------------------------------------------------------------------------------------------
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush it to disk, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def panel_path(round_index: int, panel: int) -> str:
     return f"round_{round_index:02d}/panel_{panel:03d}.png"
 
