@@ -137,14 +137,14 @@ class LazyRandomWeights(Mapping):
 
 
 class Child:
-    def __init__(self, framework: str, config: dict, inputs: dict[str, np.ndarray], threads: int):
+    def __init__(self, framework: str, config: dict, inputs: dict[str, np.ndarray], threads: int, ms_mode: str):
         self.framework = framework
         self.report = {"framework": framework}
         self.report["rss_start"] = rss_bytes()
         if framework == "torch":
             self._setup_torch(config, inputs, threads)
         else:
-            self._setup_mindspore(config, inputs)
+            self._setup_mindspore(config, inputs, ms_mode)
 
     def _setup_torch(self, config, inputs, threads):
         import torch
@@ -174,7 +174,7 @@ class Child:
 
         self.step = step
 
-    def _setup_mindspore(self, config, inputs):
+    def _setup_mindspore(self, config, inputs, ms_mode):
         import mindspore as ms
 
         from mindone_story.layers import set_device
@@ -196,7 +196,9 @@ class Child:
         self.report["params"] = int(sum(int(np.prod(s)) for s in shapes.values()))
         self.report["rss_after_load"] = rss_bytes()
         args = [ms.Tensor(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
-        compiled = ms.jit(unet.construct)
+        # graph: the whole UNet as one ms.jit graph (as the pipelines run it); pynative: op by op, launch_blocking
+        compiled = ms.jit(unet.construct) if ms_mode == "graph" else unet
+        self.report["ms_mode"] = ms_mode
 
         def step():
             return compiled(*args).asnumpy()
@@ -231,7 +233,7 @@ def child_main(args) -> None:
         spec.loader.exec_module(module)
     inputs = dict(np.load(args.inputs))
     config = json.loads(Path(args.config_file).read_text())
-    child = Child(args.child, config, inputs, args.threads)
+    child = Child(args.child, config, inputs, args.threads, args.ms_mode)
     child.report["weights_crc32"] = child.weights.checksum()
     child.report["rss_ready"] = rss_bytes()
     child.report["maxrss_ready"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -268,7 +270,7 @@ class Runner:
         cmd = [
             sys.executable, str(Path(__file__).resolve()), "--child", framework, "--config_file", str(config_file),
             "--inputs", str(inputs_file), "--output", str(self.output_file), "--result_fd", str(write_fd),
-            "--threads", str(args.threads),
+            "--threads", str(args.threads), "--ms_mode", args.ms_mode,
         ]
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         env.update(dict(kv.split("=", 1) for kv in (args.ms_env if framework == "mindspore" else args.torch_env)))
@@ -485,7 +487,8 @@ def parent_main(args) -> int:
 
     result = summarize(args, config, latent, schedule, state, peaks, inputs)
     result["workdir"] = str(workdir)
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"unet_step_{args.config}_{latent}.json")
+    suffix = "" if args.ms_mode == "graph" else f"_{args.ms_mode}"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"unet_step_{args.config}_{latent}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
@@ -506,7 +509,7 @@ def summarize(args, config, latent, schedule, state, peaks, inputs) -> dict:
         "machine": {"cpu": cpu_model(), "vcpus": os.cpu_count(), "mem_total_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB, 1),
                     "python": platform.python_version()},
         "config": args.config, "latent": latent, "image": latent * 8, "batch": 2, "runs": args.runs,
-        "warmup": args.warmup, "rounds": args.rounds, "schedule": schedule, "threads": args.threads,
+        "warmup": args.warmup, "rounds": args.rounds, "schedule": schedule, "threads": args.threads, "ms_mode": args.ms_mode,
         "max_rss_gb": args.max_rss_gb, "ms_env": args.ms_env, "torch_env": args.torch_env,
         "ms_setup": args.ms_setup, "frameworks": {},
     }
@@ -563,7 +566,7 @@ def markdown_table(res: dict) -> str:
 
     head = (f"\n### UNet step, config {res['config']}, latent {res['latent']} ({res['image']}x{res['image']}), CFG batch 2 "
             f"({res['date']}, {res['machine']['vcpus']} vCPU {res['machine']['cpu']}, schedule {res['schedule']}, "
-            f"{res['runs']} runs x {res['rounds']} rounds"
+            f"{res['runs']} runs x {res['rounds']} rounds, MindSpore {res.get('ms_mode', 'graph')}"
             + (f"; MindSpore env {' '.join(res['ms_env'])}" if res.get("ms_env") else "")
             + (f"; MindSpore setup {Path(res['ms_setup']).name}" if res.get("ms_setup") else "")
             + (f"; PyTorch env {' '.join(res['torch_env'])}" if res.get("torch_env") else "") + ")\n")
@@ -599,6 +602,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles the graph)")
     p.add_argument("--rounds", type=int, default=1, help="repeat everything, alternating which framework goes first")
     p.add_argument("--framework", choices=["both", *FRAMEWORKS], default="both")
+    p.add_argument("--ms_mode", choices=["graph", "pynative"], default="graph", help="how the MindSpore UNet runs")
     p.add_argument("--schedule", choices=["auto", "lockstep", "sequential"], default="auto")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--max_rss_gb", type=float, default=16.0, help="watchdog: kill a child whose RSS exceeds this")
