@@ -76,9 +76,8 @@ def source_revision() -> str:
 
 
 def child_env(isa: str) -> dict:
-    """The children's environment. On AVX-512 CPUs MindSpore 2.10's oneDNN convolutions take a path about 100x
-    slower than its AVX2 one (0.1 against 8-40 GFLOP/s for 3x3 convolutions measured on this machine), so by default
-    the children cap oneDNN at AVX2 (``ONEDNN_MAX_CPU_ISA``); ``--isa default`` leaves the variable alone."""
+    """The children's environment; ``--isa AVX2`` caps oneDNN (``ONEDNN_MAX_CPU_ISA``). Not needed since the
+    library's CPU convolution became a MatMul (layers.Conv2d), and the cap halves MatMul speed on AVX-512 CPUs."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if isa != "default":
         env["ONEDNN_MAX_CPU_ISA"] = isa
@@ -445,7 +444,7 @@ def main() -> int:
     p.add_argument("--min_avail_gb", type=float, default=1.5)
     p.add_argument("--wait_free_gb", type=float, default=0.0, help="before each child, wait for this MemAvailable")
     p.add_argument("--wait_s", type=float, default=3600.0)
-    p.add_argument("--isa", default="AVX2", help="ONEDNN_MAX_CPU_ISA for the children, or 'default' (see child_env)")
+    p.add_argument("--isa", default="default", help="ONEDNN_MAX_CPU_ISA for the children, or 'default' (see child_env)")
     p.add_argument("--out", default=None)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model_dir", help=argparse.SUPPRESS)

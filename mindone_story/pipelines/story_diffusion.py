@@ -140,10 +140,15 @@ class StoryDiffusionPipeline:
         phase_seed = 0
         for name, ids in story.id_panels.items():
             window = settings.window or len(ids)
+            # with a window, the first tile gets the same (empty, masked) room for banked images as the later ones,
+            # so every full tile runs one compiled graph: peak memory does not grow with the number of id images
+            room = window if settings.window else None
             for start in range(0, len(ids), window):
                 tile = list(ids[start : start + window])
                 reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
-                batch = self._run(story, settings, tile, name, reads, phase_seed, progress, recent=window)
+                batch = self._run(
+                    story, settings, tile, name, reads, phase_seed, progress, recent=window, bank_images=room
+                )
                 done(tile, batch)
                 phase_seed += 1
         others = list(story.other_indices)
