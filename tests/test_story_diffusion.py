@@ -124,3 +124,27 @@ def test_bad_input_is_a_clear_error(tmp_path, extra, message):
     with pytest.raises(SystemExit) as err:
         story_cli.main(argv + extra)
     assert message in str(err.value)
+
+
+def test_windowed_writes_give_every_tile_the_same_shapes():
+    """With a window, the first tile gets the later tiles' room for banked images (empty and masked), so every full
+    tile of every character runs one compiled UNet graph and peak memory does not grow with the id images."""
+    from types import SimpleNamespace
+
+    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline, StorySettings
+    from mindone_story.story.prompts import parse_story
+
+    story = parse_story("[Bob] a man", "\n".join(f"[Bob] scene {i}" for i in range(7)), 6)
+    calls = []
+
+    def run(story, settings, indices, write_as, reads, phase_seed, progress, **phase_args):
+        calls.append((list(indices), write_as, reads, phase_args))
+        return [None] * len(indices)
+
+    fake = SimpleNamespace(sdxl=SimpleNamespace(check_size=lambda h, w: None), _run=run)
+    StoryDiffusionPipeline.__call__(fake, story, StorySettings(window=2), progress=False)
+    writes = [c for c in calls if c[1] == "Bob"]
+    assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
+    assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3
+    assert writes[0][2] == [[], []] and writes[1][2] == [["Bob"], ["Bob"]]
+    assert calls[-1][0] == [6] and calls[-1][1] is None  # the read panel
