@@ -41,65 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-GB, MB = 1024**3, 1024**2
+from common import GB, ROOT, child_env, mem_available_bytes, rss_bytes, source_revision, wait_for_memory
+
+MB = 1024**2
 SMALL_CONFIG = Path(__file__).resolve().parent / "small_unet.json"
 CHARACTER = "[Hero] a man with a black suit"
-
-
-def rss_bytes(pid: int | str = "self") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def source_revision() -> str:
-    """The commit of the library being measured (and whether mindone_story/ differs from it)."""
-    stamp = ROOT / ".commit"  # written by whoever exports a snapshot (git archive has no .git)
-    if stamp.exists():
-        return stamp.read_text().strip()
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "mindone_story"], capture_output=True, text=True
-        ).stdout.strip()
-        return head + (" + uncommitted changes in mindone_story/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def child_env(isa: str) -> dict:
-    """The children's environment; ``--isa AVX2`` caps oneDNN (``ONEDNN_MAX_CPU_ISA``). Not needed since the
-    library's CPU convolution became a MatMul (layers.Conv2d), and the cap halves MatMul speed on AVX-512 CPUs."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    if isa != "default":
-        env["ONEDNN_MAX_CPU_ISA"] = isa
-    return env
-
-
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def wait_for_memory(gb: float, timeout_s: float) -> bool:
-    """Wait until the machine's MemAvailable reaches ``gb`` (others share the machine); False on timeout."""
-    deadline = time.time() + timeout_s
-    while mem_available_bytes() < gb * GB:
-        if time.time() > deadline:
-            return False
-        time.sleep(15)
-    return True
 
 
 def maxrss() -> int:

@@ -41,13 +41,23 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from common import (
+    GB,
+    ROOT,
+    LazyRandomWeights,
+    child_env,
+    cpu_model,
+    mem_available_bytes,
+    memory_pressure,
+    rss_bytes,
+    source_revision,
+    tree_rss_bytes,
+    wait_for_memory,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-GB = 1024**3
 SEED_TEXT = "story-step-benchmark"
 VARIANTS = ("write", "window")
 
@@ -63,98 +73,12 @@ def unet_config(name: str) -> dict:
     return json.loads(Path(name).read_text())
 
 
-def rss_bytes(pid: int | str = "self") -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def source_revision() -> str:
-    """The commit of the library being measured (and whether mindone_story/ differs from it)."""
-    stamp = ROOT / ".commit"  # written by whoever exports a snapshot (git archive has no .git)
-    if stamp.exists():
-        return stamp.read_text().strip()
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "mindone_story"], capture_output=True, text=True
-        ).stdout.strip()
-        return head + (" + uncommitted changes in mindone_story/" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def child_env(isa: str) -> dict:
-    """The children's environment; ``--isa AVX2`` caps oneDNN (``ONEDNN_MAX_CPU_ISA``). Not needed since the
-    library's CPU convolution became a MatMul (layers.Conv2d), and the cap halves MatMul speed on AVX-512 CPUs."""
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    if isa != "default":
-        env["ONEDNN_MAX_CPU_ISA"] = isa
-    return env
-
-
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def wait_for_memory(gb: float, timeout_s: float) -> bool:
-    """Wait until the machine's MemAvailable reaches ``gb`` (others share the machine); False on timeout."""
-    deadline = time.time() + timeout_s
-    while mem_available_bytes() < gb * GB:
-        if time.time() > deadline:
-            return False
-        time.sleep(15)
-    return True
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def rel_diff(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 # -- the child -------------------------------------------------------------------------------------------------------
-class LazyRandomWeights(Mapping):
-    """``random_weights`` one tensor at a time (each is seeded by its own name: the values equal the eager ones)."""
-
-    def __init__(self, shapes):
-        self.shapes = dict(shapes)
-
-    def __getitem__(self, key):
-        from mindone_story.pretrained import random_weights
-
-        return random_weights({key: self.shapes[key]}, SEED_TEXT)[key]
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self):
-        return len(self.shapes)
-
-    def shape(self, key):
-        return self.shapes[key]
-
-
 def child_main(args) -> dict:
     import mindspore as ms
     from mindspore import Tensor
@@ -174,7 +98,7 @@ def child_main(args) -> dict:
     unet.set_train(False)
     shapes = parameter_shapes(unet)
     t0 = time.perf_counter()
-    load_state(unet, LazyRandomWeights(shapes), "random weights")
+    load_state(unet, LazyRandomWeights(shapes, SEED_TEXT), "random weights")
     report["load_s"] = time.perf_counter() - t0
     report["params"] = int(sum(int(np.prod(s)) for s in shapes.values()))
     processors = install(unet)
@@ -296,28 +220,11 @@ class Watched:
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
-    def _tree_rss(self) -> int:
-        total, todo = 0, [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            total += rss_bytes(pid)
-            try:
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{tid}/children") as f:
-                        todo += [int(c) for c in f.read().split()]
-            except OSError:
-                pass
-        return total
-
     def _watch(self):
         while self.proc.poll() is None:
-            rss = self._tree_rss()
+            rss = tree_rss_bytes(self.proc.pid)
             self.peak = max(self.peak, rss)
-            reason = None
-            if rss > self.max_rss:
-                reason = f"RSS above the {self.max_rss / GB:.1f} GB cap"
-            elif mem_available_bytes() < self.min_avail:
-                reason = f"machine MemAvailable below {self.min_avail / GB:.1f} GB"
+            reason = memory_pressure(rss, self.max_rss, self.min_avail)
             if reason:
                 self.killed = f"killed at {rss / GB:.1f} GB ({reason})"
                 try:

@@ -36,15 +36,21 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+from common import (
+    GB,
+    ROOT,
+    LazyRandomWeights,
+    cpu_model,
+    mem_available_bytes,
+    memory_pressure,
+    rss_bytes,
+    tree_rss_bytes,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 FRAMEWORKS = ("torch", "mindspore")
-GB = 1024**3
 SEED_TEXT = "unet-step-benchmark"
 
 
@@ -74,68 +80,7 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(ours - ref).max() / np.abs(ref).max())
 
 
-def rss_bytes(pid: int | str = "self") -> int:
-    """Current VmRSS of one process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return 0
-
-
-def mem_available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 # -- the child: one framework ---------------------------------------------------------------------------------------
-class LazyRandomWeights(Mapping):
-    """``random_weights`` one tensor at a time (each tensor is seeded by its own name, so values are identical)."""
-
-    def __init__(self, shapes: Mapping[str, tuple[int, ...]], seed_text: str):
-        self.shapes = dict(shapes)
-        self.seed_text = seed_text
-        self.crc = {}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        from mindone_story.pretrained import random_weights
-
-        value = random_weights({key: self.shapes[key]}, self.seed_text)[key]
-        self.crc[key] = zlib.crc32(value.tobytes())
-        return value
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.shapes[key]
-
-    def checksum(self) -> str:
-        digest = 0
-        for key in sorted(self.crc):
-            digest = zlib.crc32(f"{key}:{self.crc[key]}".encode(), digest)
-        return f"{digest:08x}"
-
-
 class Child:
     def __init__(self, framework: str, config: dict, inputs: dict[str, np.ndarray], threads: int, ms_mode: str):
         self.framework = framework
@@ -294,31 +239,14 @@ class Runner:
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
-    def _tree_rss(self) -> int:
-        total, todo = 0, [self.proc.pid]
-        while todo:
-            pid = todo.pop()
-            total += rss_bytes(pid)
-            try:
-                for tid in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{tid}/children") as f:
-                        todo += [int(c) for c in f.read().split()]
-            except OSError:
-                pass
-        return total
-
     def _watch(self) -> None:
         while not self._stop.is_set() and self.proc.poll() is None:
-            rss = self._tree_rss()
+            rss = tree_rss_bytes(self.proc.pid)
             self.peak_sampled = max(self.peak_sampled, rss)
             now = time.time() - self.t0
             if not self.timeline or now - self.timeline[-1][0] >= 5:
                 self.timeline.append((round(now, 1), round(rss / GB, 2), self.phase))
-            reason = None
-            if rss > self.max_rss:
-                reason = f"RSS above the {self.max_rss / GB:.1f} GB cap"
-            elif mem_available_bytes() < self.min_avail:
-                reason = f"machine MemAvailable below {self.min_avail / GB:.1f} GB"
+            reason = memory_pressure(rss, self.max_rss, self.min_avail)
             if reason:
                 self.killed = (reason, rss)
                 try:
@@ -331,7 +259,7 @@ class Runner:
     def receive(self, expected: str) -> dict:
         ready, _, _ = select.select([self.results], [], [], self.timeout)
         if not ready and self.proc.poll() is None:
-            self.killed = (f"no answer within --timeout_s {self.timeout:.0f} s", self._tree_rss())
+            self.killed = (f"no answer within --timeout_s {self.timeout:.0f} s", tree_rss_bytes(self.proc.pid))
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             raise Killed(f"killed after {self.timeout:.0f} s without an answer during {self.phase} "
