@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py and app_logic
 import app_logic as logic  # noqa: E402
 
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
+from mindone_story.story.output import write_story  # noqa: E402
 from mindone_story.story.prompts import DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
 
 log = logging.getLogger("mindone_story.app")
@@ -126,8 +127,8 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         pipe, loaded = load(progress, logic.story_diffusion_pipeline, model)
         start = time.time()
         extra = {"mode": args.mode, "dtype": args.dtype}
-        panels, pages = logic.run_story_diffusion(
-            pipe, model, story, settings, typesetting, font_size, out, reporter(progress), extra
+        panels, pages = write_story(
+            pipe, story, settings, out, typesetting, font_size, model, extra, reporter(progress), show_progress=False
         )
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]
         status = f"{len(panels)} panels, {len(pages)} page(s) in {time.time() - start:.1f} s (model {loaded}): `{out}`"

@@ -26,10 +26,9 @@ from run import build_story, dtype_of  # the StoryDiffusion CLI beside this file
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StorySettings
 from mindone_story.story.comic import LAYOUTS
-from mindone_story.story.output import write_story
+from mindone_story.story.output import Progress
 from mindone_story.story.prompts import STYLE_NAMES, Story
 
-Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 MODEL_NAMES = list(MODELS)  # "tiny" included
 
 
@@ -162,21 +161,6 @@ def new_output_dir(root: str | os.PathLike, method: str) -> Path:
     folder = Path(root) / f"{method}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     folder.mkdir(parents=True)
     return folder
-
-
-def run_story_diffusion(
-    pipe,
-    model: str,
-    story: Story,
-    settings: StorySettings,
-    typesetting: str,
-    font_size: int,
-    out: Path,
-    progress: Progress | None = None,
-    extra: dict | None = None,
-) -> tuple[list[Path], list[Path]]:
-    """Generate the story into ``out`` as run.py does; returns the panel and page files."""
-    return write_story(pipe, story, settings, out, typesetting, font_size, model, extra, progress, show_progress=False)
 
 
 def zip_folder(folder: Path) -> Path:
