@@ -91,7 +91,7 @@ def main() -> None:
             lambda t, lw=lw, lb=lb: torch.nn.functional.linear(t, lw, lb),
             tokens,
         )
-        compare(f"GELU {c}x{side * side}", layers.gelu, torch.nn.functional.gelu, tokens)
+        compare(f"GELU {c}x{side * side}", layers.GELU().construct, torch.nn.functional.gelu, tokens)
         compare(f"SiLU {c}@{side}", ops.silu, torch.nn.functional.silu, x)
 
         def to_tokens(t, c=c):

@@ -1,11 +1,37 @@
-"""The device shim's CPU kernels against numpy references, in both execution modes."""
+"""The device shim's CPU kernels against numpy references, in both execution modes, on both CPU paths: the fused
+kernels of cpu_kernels.cc and the composed MindSpore ops used when no compiler is available."""
+
+import math
+import os
+import warnings
 
 import mindspore as ms
 import numpy as np
 import pytest
 from mindspore import Tensor
 
-from mindone_story import layers
+from mindone_story import cpu_kernels, layers
+
+PATHS = ["fused", "composed"]
+
+
+@pytest.fixture
+def path(request, monkeypatch):
+    """Cells built inside a test see the requested CPU path."""
+    if request.param == "fused":
+        assert cpu_kernels.library() is not None, "the fused CPU kernels did not build (is g++ installed?)"
+    else:
+        monkeypatch.setattr(layers, "fused_cpu", lambda: False)
+    return request.param
+
+
+def run(cell, mode, *arrays):
+    fn = ms.jit(cell.construct) if mode == "graph" else cell
+    return fn(*(Tensor(a) for a in arrays)).asnumpy()
+
+
+def rel_err(out, ref):
+    return np.abs(out - ref).max() / np.abs(ref).max()
 
 
 def conv_reference(x, w, b, stride, pad):
@@ -31,9 +57,10 @@ CASES = [  # input shape, out channels, kernel, stride, padding: every convoluti
 ]
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 @pytest.mark.parametrize("shape,out_ch,k,stride,pad", CASES)
-def test_conv2d_matches_reference(mode, shape, out_ch, k, stride, pad):
+def test_conv2d_matches_reference(path, mode, shape, out_ch, k, stride, pad):
     rng = np.random.default_rng(0)
     conv = layers.Conv2d(shape[1], out_ch, k, stride=stride, padding=pad)
     w = rng.standard_normal((out_ch, shape[1], k, k)).astype(np.float32)
@@ -41,15 +68,15 @@ def test_conv2d_matches_reference(mode, shape, out_ch, k, stride, pad):
     conv.weight.set_data(Tensor(w))
     conv.bias.set_data(Tensor(b))
     x = rng.standard_normal(shape).astype(np.float32)
-    run = ms.jit(conv.construct) if mode == "graph" else conv
-    out = run(Tensor(x)).asnumpy()
+    out = run(conv, mode, x)
     ref = conv_reference(x, w, b, stride, (pad,) * 4 if isinstance(pad, int) else pad)
     assert out.shape == ref.shape
-    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+    assert rel_err(out, ref) < 1e-5
 
 
 def test_conv2d_in_bands_equals_one_piece(monkeypatch):
-    """Large convolutions build their im2col in bands of rows; the bands must join exactly."""
+    """Large convolutions build their im2col in bands of rows; the bands must join exactly (composed path)."""
+    monkeypatch.setattr(layers, "fused_cpu", lambda: False)
     rng = np.random.default_rng(1)
     conv = layers.Conv2d(8, 5, 3, padding=1)
     w = rng.standard_normal((5, 8, 3, 3)).astype(np.float32)
@@ -62,3 +89,138 @@ def test_conv2d_in_bands_equals_one_piece(monkeypatch):
     ref = conv_reference(x, w, np.zeros(5, np.float32), 1, (1, 1, 1, 1))
     assert np.abs(banded - ref).max() / np.abs(ref).max() < 1e-5
     assert np.abs(banded - whole).max() / np.abs(ref).max() < 1e-6
+
+
+def test_fused_conv2d_splits_images_into_pieces():
+    """The fused kernel cuts each image into bands of ~4 MB of im2col (here 10 per image) shared among threads."""
+    rng = np.random.default_rng(2)
+    conv = layers.Conv2d(256, 4, 3, padding=1)
+    assert conv.fused is not None
+    w = (0.05 * rng.standard_normal((4, 256, 3, 3))).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    conv.weight.set_data(Tensor(w))
+    conv.bias.set_data(Tensor(b))
+    x = rng.standard_normal((2, 256, 64, 64)).astype(np.float32)
+    assert rel_err(conv(Tensor(x)).asnumpy(), conv_reference(x, w, b, 1, (1, 1, 1, 1))) < 1e-5
+
+
+def test_pynative_keeps_convolutions_of_one_input_shape_apart():
+    """PyNative caches an op's inferred output shape per name and input shapes; strides must not share it."""
+    x = Tensor(np.ones((1, 2, 8, 8), np.float32))
+    shapes = [layers.Conv2d(2, 3, 3, stride=s, padding=1)(x).shape for s in (1, 2)]
+    assert shapes == [(1, 3, 8, 8), (1, 3, 4, 4)]
+
+
+def _gelu(x):
+    return 0.5 * x * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+def _group_norm(x, groups, w, b, eps):
+    h = x.reshape(x.shape[0], groups, -1).astype(np.float64)
+    h = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + eps)
+    return h.reshape(x.shape) * w.reshape(1, -1, 1, 1) + b.reshape(1, -1, 1, 1)
+
+
+def _layer_norm(x, w, b, eps):
+    h = x.astype(np.float64)
+    return (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + eps) * w + b
+
+
+def _filled(cell, rng):
+    values = {}
+    for p in cell.get_parameters():
+        values[p.name.split(".")[-1]] = v = rng.standard_normal(p.shape).astype(np.float32)
+        p.set_data(Tensor(v))
+    return values
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("silu", [False, True])
+def test_group_norm_matches_reference(path, mode, silu):
+    rng = np.random.default_rng(3)
+    norm = layers.GroupNorm(4, 12, eps=1e-6, silu=silu)
+    p = _filled(norm, rng)
+    x = (rng.standard_normal((2, 12, 5, 7)) * 3 + 2).astype(np.float32)  # an offset tests the variance's accuracy
+    ref = _group_norm(x, 4, p["weight"], p["bias"], 1e-6)
+    if silu:
+        ref = ref / (1 + np.exp(-ref))
+    assert rel_err(run(norm, mode, x), ref) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_layer_norm_matches_reference(path, mode):
+    rng = np.random.default_rng(4)
+    norm = layers.LayerNorm(20, eps=1e-5)
+    p = _filled(norm, rng)
+    x = (rng.standard_normal((2, 7, 20)) + 1).astype(np.float32)
+    assert rel_err(run(norm, mode, x), _layer_norm(x, p["weight"], p["bias"], 1e-5)) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_gelu_and_its_gate_match_reference(path, mode):
+    x = np.linspace(-12, 12, 2 * 3 * 64, dtype=np.float32).reshape(2, 3, 64)  # both tails and the middle
+    assert rel_err(run(layers.GELU(), mode, x), _gelu(x.astype(np.float64))) < 1e-6
+    gated = run(layers.GatedGELU(), mode, x)
+    assert gated.shape == (2, 3, 32)
+    assert rel_err(gated, x[..., :32] * _gelu(x[..., 32:].astype(np.float64))) < 1e-6
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [3, 300])  # few rows: threads split the outputs; many: they split the rows
+def test_linear_matches_reference(path, mode, bias, rows):
+    rng = np.random.default_rng(5)
+    lin = layers.Linear(24, 10, bias=bias)
+    p = _filled(lin, rng)
+    x = rng.standard_normal((2, rows, 24)).astype(np.float32)
+    ref = x.astype(np.float64) @ p["weight"].T + (p["bias"] if bias else 0)
+    assert rel_err(run(lin, mode, x), ref) < 1e-5
+
+
+def test_kernels_fall_back_with_a_warning_without_a_compiler(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_built", cpu_kernels._UNBUILT)
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        assert cpu_kernels.library() is None
+    assert not layers.fused_cpu()
+    assert layers.GroupNorm(2, 4).fused is None
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_built", cpu_kernels._UNBUILT)
+    monkeypatch.setenv("MINDONE_STORY_CPU_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.library() is None
+
+
+def test_a_failed_build_is_reported_and_leaves_no_library(monkeypatch, tmp_path):
+    broken = tmp_path / "cpu_kernels.cc"
+    broken.write_text("this is not C++")
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "_built", cpu_kernels._UNBUILT)
+    monkeypatch.setenv("MINDONE_STORY_CACHE", str(tmp_path / "cache"))
+    with pytest.warns(RuntimeWarning, match="building cpu_kernels.cc failed"):
+        assert cpu_kernels.library() is None
+    assert os.listdir(tmp_path / "cache" / "cpu_kernels") == []
+
+
+def test_the_built_library_is_reused(monkeypatch):
+    path = cpu_kernels.library()
+    assert path is not None
+    before = os.stat(path).st_mtime_ns
+    monkeypatch.setattr(cpu_kernels.subprocess, "run", _refuse_compiling(cpu_kernels.subprocess.run))
+    assert cpu_kernels._build("g++") == path
+    assert os.stat(path).st_mtime_ns == before
+
+
+def _refuse_compiling(real_run):
+    def checked(cmd, *args, **kwargs):
+        assert "--version" in cmd, f"recompiled although the library was cached: {cmd}"
+        return real_run(cmd, *args, **kwargs)
+
+    return checked

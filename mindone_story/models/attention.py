@@ -7,9 +7,9 @@ compiled graph sees a fixed structure; everything that changes per call reaches 
 
 from __future__ import annotations
 
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor, nn
 
-from ..layers import GroupNorm, LayerNorm, Linear, attention, gelu, merge_heads, split_heads
+from ..layers import GatedGELU, GroupNorm, LayerNorm, Linear, attention, merge_heads, split_heads
 
 
 class Attention(nn.Cell):
@@ -66,10 +66,10 @@ class GEGLU(nn.Cell):
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = Linear(dim_in, dim_out * 2)
+        self.gate = GatedGELU()
 
     def construct(self, x: Tensor) -> Tensor:
-        hidden, gate = ops.split(self.proj(x), self.proj.out_features // 2, axis=-1)
-        return hidden * gelu(gate)
+        return self.gate(self.proj(x))
 
 
 class FeedForward(nn.Cell):

@@ -13,7 +13,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import CLIPTextConfig, CLIPVisionConfig
-from ..layers import Conv2d, Embedding, LayerNorm, Linear, attention, gelu, merge_heads, quick_gelu, split_heads
+from ..layers import GELU, Conv2d, Embedding, LayerNorm, Linear, attention, merge_heads, quick_gelu, split_heads
 
 
 class CLIPAttention(nn.Cell):
@@ -36,12 +36,13 @@ class CLIPMLP(nn.Cell):
         if act not in ("gelu", "quick_gelu"):
             raise ValueError(f"unsupported CLIP hidden_act {act!r}; expected 'gelu' or 'quick_gelu'")
         self.quick = act == "quick_gelu"
+        self.gelu = None if self.quick else GELU()
         self.fc1 = Linear(dim, hidden)
         self.fc2 = Linear(hidden, dim)
 
     def construct(self, x: Tensor) -> Tensor:
         h = self.fc1(x)
-        return self.fc2(quick_gelu(h) if self.quick else gelu(h))
+        return self.fc2(quick_gelu(h) if self.quick else self.gelu(h))
 
 
 class CLIPEncoderLayer(nn.Cell):

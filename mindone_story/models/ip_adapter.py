@@ -18,7 +18,7 @@ from typing import Any
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..layers import LayerNorm, Linear, attention, gelu, split_heads
+from ..layers import GELU, LayerNorm, Linear, attention, split_heads
 
 
 class ImageProjModel(nn.Cell):
@@ -87,7 +87,7 @@ class Resampler(nn.Cell):
                             [
                                 LayerNorm(dim),
                                 Linear(dim, dim * ff_mult, bias=False),
-                                nn.Identity(),
+                                GELU(),
                                 Linear(dim * ff_mult, dim, bias=False),
                             ]
                         ),
@@ -103,7 +103,7 @@ class Resampler(nn.Cell):
         for layer in self.layers:
             latents = layer[0](x, latents) + latents
             ff = layer[1]
-            latents = ff[3](gelu(ff[1](ff[0](latents)))) + latents
+            latents = ff[3](ff[2](ff[1](ff[0](latents)))) + latents
         return self.norm_out(self.proj_out(latents))
 
 

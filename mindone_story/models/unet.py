@@ -37,19 +37,19 @@ class TimestepEmbedding(nn.Cell):
 class ResnetBlock2D(nn.Cell):
     def __init__(self, in_ch: int, out_ch: int, temb_ch: int | None, groups: int = 32, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_ch, eps)
+        self.norm1 = GroupNorm(groups, in_ch, eps, silu=True)
         self.conv1 = Conv2d(in_ch, out_ch, 3, padding=1)
         self.time_emb_proj = Linear(temb_ch, out_ch) if temb_ch else None
-        self.norm2 = GroupNorm(groups, out_ch, eps)
+        self.norm2 = GroupNorm(groups, out_ch, eps, silu=True)
         self.conv2 = Conv2d(out_ch, out_ch, 3, padding=1)
         self.conv_shortcut = Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
     def construct(self, x: Tensor, temb: Tensor | None = None) -> Tensor:
-        h = self.conv1(silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None:
             h = ops.bias_add(h.reshape(1, -1, h.shape[2] * h.shape[3]), self.time_emb_proj(silu(temb)).reshape(-1))
             h = h.reshape(x.shape[0], -1, x.shape[2], x.shape[3])
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -176,7 +176,7 @@ class UNet(nn.Cell):
         self.up_blocks = nn.CellList(
             [UpBlock(cfg, rev[max(i - 1, 0)], rev[i], rev[min(i + 1, last)], i, i == last) for i in range(len(ch))]
         )
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps)
+        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, ch[0], cfg.norm_eps, silu=True)
         self.conv_out = Conv2d(ch[0], cfg.out_channels, 3, padding=1)
         self.skips_per_up_block = cfg.layers_per_block + 1
 
@@ -205,4 +205,4 @@ class UNet(nn.Cell):
         for block in self.up_blocks:
             x = block(x, skips[len(skips) - n :], emb, encoder_hidden_states, story)
             skips = skips[: len(skips) - n]
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mindspore import Tensor, nn, ops
 
 from ..config import VAEConfig
-from ..layers import Conv2d, GroupNorm, silu
+from ..layers import Conv2d, GroupNorm
 from .attention import Attention
 from .unet import ResnetBlock2D, Upsample2D
 
@@ -65,7 +65,7 @@ class Encoder(nn.Cell):
             ]
         )
         self.mid_block = _Mid(ch[-1], g)
-        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6)
+        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6, silu=True)
         self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def construct(self, x: Tensor) -> Tensor:
@@ -73,7 +73,7 @@ class Encoder(nn.Cell):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x))
 
 
 class Decoder(nn.Cell):
@@ -89,14 +89,14 @@ class Decoder(nn.Cell):
                 for i in range(len(ch))
             ]
         )
-        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6)
+        self.conv_norm_out = GroupNorm(g, ch[-1], 1e-6, silu=True)
         self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def construct(self, z: Tensor) -> Tensor:
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x))
 
 
 class AutoencoderKL(nn.Cell):
