@@ -34,7 +34,10 @@ def on_ascend() -> bool:
 
 
 def fused_cpu() -> bool:
-    """Whether CPU cells built now use the fused kernels of ``cpu_kernels`` (decided per cell, at construction)."""
+    """Whether CPU cells built now use the fused kernels of ``cpu_kernels`` (decided per cell, at construction).
+    The kernels are fp32-only: cells given other dtypes (fp16 on CPU, if asked for) take the composed path. The
+    dtype tests in ``construct`` are plain comparisons, which graph mode folds; a helper taking ``*tensors`` there
+    made every call site a closure and the SDXL UNet's common-subexpression pass ran for minutes."""
     return not _ON_ASCEND and cpu_kernels.library() is not None
 
 
@@ -54,7 +57,8 @@ def _ones(*shape: int) -> Parameter:
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b on inputs of any rank; MatMul + BiasAdd on 2-D views (twice mint.nn.Linear's speed on CPU)."""
+    """y = x W^T + b on inputs of any rank. On CPU the fused ``linear`` kernel, or MatMul + BiasAdd on 2-D views
+    (twice mint.nn.Linear's speed there)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -70,7 +74,7 @@ class Linear(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         if self.ascend:
             return mint.nn.functional.linear(x, self.weight, self.bias)
-        if self.fused is not None:
+        if self.fused is not None and x.dtype == self.weight.dtype == ms.float32:
             return self.fused(x, self.weight, self.bias) if self.has_bias else self.fused(x, self.weight)
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, self.in_features), self.weight)
@@ -119,7 +123,7 @@ class Conv2d(nn.Cell):
                 x = _zero_pad(x, pad[0], pad[1], pad[2], pad[3])
                 pad = (0, 0, 0, 0)
             return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, pad[0])
-        if self.fused is not None:
+        if self.fused is not None and x.dtype == self.weight.dtype == ms.float32:
             bias = self.bias if self.has_bias else ops.zeros((self.weight.shape[0],), x.dtype)
             return self.fused(x, self.weight, bias, self.spec)
         y = _conv_as_matmul(x, self.weight, self.stride, pad)
@@ -201,7 +205,7 @@ class GroupNorm(nn.Cell):
     def construct(self, x: Tensor) -> Tensor:
         shape, dtype = x.shape, x.dtype
         g = self.num_groups
-        if self.fused is not None:
+        if self.fused is not None and self.weight.dtype == self.bias.dtype == ms.float32:
             # the kernel reads the group count from the shape [B, G, C/G, spatial]
             h = x.astype(ms.float32).reshape(shape[0], g, shape[1] // g, -1)
             w, b = self.weight.reshape(g, -1), self.bias.reshape(g, -1)
@@ -233,7 +237,7 @@ class LayerNorm(nn.Cell):
 
     def construct(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        if self.fused is not None:
+        if self.fused is not None and self.weight.dtype == self.bias.dtype == ms.float32:
             return self.fused(x.astype(ms.float32), self.weight, self.bias, self.eps_tensor).astype(dtype)
         return self.norm(x.astype(ms.float32), self.weight, self.bias)[0].astype(dtype)
 
@@ -255,7 +259,7 @@ class GELU(nn.Cell):
         self.fused = cpu_kernels.op("gelu", lambda x: x) if fused_cpu() else None
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.fused is not None:
+        if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x)
         return ops.gelu(x, approximate="none")
 
@@ -269,7 +273,7 @@ class GatedGELU(nn.Cell):
         self.fused = cpu_kernels.op("geglu", lambda x: x[:-1] + [x[-1] // 2]) if fused_cpu() else None
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.fused is not None:
+        if self.fused is not None and x.dtype == ms.float32:
             return self.fused(x)
         hidden, gate = ops.split(x, x.shape[-1] // 2, axis=-1)
         return hidden * self.gelu(gate)

@@ -224,3 +224,21 @@ def _refuse_compiling(real_run):
         return real_run(cmd, *args, **kwargs)
 
     return checked
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_fp16_takes_the_composed_path_on_cpu(mode):
+    """The fused kernels are fp32-only; fp16 cells (--dtype fp16 on CPU) must still run, on the composed ops."""
+    assert layers.fused_cpu()
+    rng = np.random.default_rng(6)
+    lin = layers.Linear(16, 8)
+    p = _filled(lin, rng)
+    for param in lin.get_parameters():
+        param.set_dtype(ms.float16)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float16)
+    out = run(lin, mode, x)
+    assert out.dtype == np.float16
+    ref = x.astype(np.float64) @ p["weight"].T + p["bias"]
+    assert rel_err(out, ref) < 5e-3
+    gelu = run(layers.GELU(), mode, x)
+    assert gelu.dtype == np.float16 and rel_err(gelu, _gelu(x.astype(np.float64))) < 5e-3
