@@ -92,16 +92,25 @@ inline void moments(const float *x, int64_t n, float eps, float *mean, float *rs
 
 // GroupNorm, optionally followed by SiLU: x [B, G, C/G, S], weight and bias [G, C/G], eps [1] -> y like x.
 // The group count travels in the input's shape, so one kernel serves every configuration.
+// The shared inputs of the two norms: x, weight, bias, eps [1] in, y out.
+struct NormArgs {
+  const float *x, *w, *b;
+  float eps;
+  float *y;
+};
+
+NormArgs norm_args(void **params) {
+  return {static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+          static_cast<const float *>(params[2]), *static_cast<const float *>(params[3]),
+          static_cast<float *>(params[4])};
+}
+
 template <bool kSilu>
 int group_norm_impl(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes) {
   if (nparam != 5 || !all_f32(5, dtypes) || ndims[0] != 4) return 1;
   const int64_t groups = shapes[0][0] * shapes[0][1], cg = shapes[0][2], s = shapes[0][3];
   const int64_t channels = shapes[0][1] * cg;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
+  const auto [x, w, b, eps, y] = norm_args(params);
 #pragma omp parallel for schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     float mean, rstd;
@@ -159,11 +168,7 @@ int geglu(int nparam, void **params, int *ndims, int64_t **shapes, const char **
 int layer_norm(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
   if (nparam != 5 || !all_f32(5, dtypes)) return 1;
   const int64_t d = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / d;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float *b = static_cast<const float *>(params[2]);
-  const float eps = *static_cast<const float *>(params[3]);
-  float *y = static_cast<float *>(params[4]);
+  const auto [x, w, b, eps, y] = norm_args(params);
 #pragma omp parallel for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
     float mean, rstd;
