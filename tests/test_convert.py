@@ -132,7 +132,7 @@ def test_wrong_image_encoder_for_the_ip_adapter(tmp_path, capsys):
     out = tmp_path / "out"
     rc = run("--input", LAYOUTS / "sgm_micro.safetensors", "--configs", CONFIGS, "--output", out,
              "--ip_adapter", LAYOUTS / "ip_adapter_micro.bin", "--image_encoder", FIXTURES / "tiny_sdxl" / "image_encoder")  # fmt: skip
-    assert rc == 1 and not out.exists() and list(tmp_path.iterdir()) == []
+    assert rc == 2 and not out.exists() and list(tmp_path.iterdir()) == []
     assert "needs image features of width 8" in capsys.readouterr().err
 
 
@@ -141,11 +141,11 @@ def test_wrong_family_and_truncated_files(tmp_path, capsys):
     save_safetensors(
         {"cond_stage_model.transformer.text_model.final_layer_norm.weight": np.ones(768, np.float16)}, sd15
     )
-    assert run("--input", sd15, "--output", tmp_path / "a") == 1
+    assert run("--input", sd15, "--output", tmp_path / "a") == 2
     assert "Stable Diffusion 1.x" in capsys.readouterr().err
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes((LAYOUTS / "sgm_micro.safetensors").read_bytes()[:-4096])
-    assert run("--input", cut, "--configs", CONFIGS, "--output", tmp_path / "b") == 1
+    assert run("--input", cut, "--configs", CONFIGS, "--output", tmp_path / "b") == 2
     assert "truncated" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
@@ -157,7 +157,7 @@ def test_fp16_overflow_is_an_error(tmp_path, capsys):
     state = {k: v.astype(np.float32) for k, v in SafetensorsFile(f).items()}
     state["decoder.conv_out.bias"][0] = 1e6
     save_safetensors(state, f)
-    assert run("--input", folder, "--output", tmp_path / "out", "--dtype", "fp16") == 1
+    assert run("--input", folder, "--output", tmp_path / "out", "--dtype", "fp16") == 2
     assert "vae: decoder.conv_out.bias overflows fp16" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
     assert run("--input", folder, "--output", tmp_path / "out", "--dtype", "bf16") == 0
@@ -168,7 +168,7 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     args = ("--input", LAYOUTS / "sgm_micro.safetensors", "--configs", CONFIGS, "--output", out)
-    assert run(*args) == 1 and (out / "keep.txt").exists()
+    assert run(*args) == 2 and (out / "keep.txt").exists()
     assert "--overwrite" in capsys.readouterr().err
     assert run(*args, "--overwrite") == 0 and not (out / "keep.txt").exists()
 
@@ -179,4 +179,4 @@ def test_command_line_exit_codes(tmp_path):
     assert ok.returncode == 0 and "ignored (3):" in ok.stdout
     bad = subprocess.run([sys.executable, TOOL, "--input", LAYOUTS / "sgm_micro.safetensors", "--output",
                           tmp_path / "bad"], capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 1 and "error: " in bad.stderr and "shape mismatches" in bad.stderr
+    assert bad.returncode == 2 and "error: " in bad.stderr and "shape mismatches" in bad.stderr

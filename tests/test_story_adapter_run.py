@@ -99,10 +99,10 @@ def test_killed_run_resumes_to_the_same_images(tmp_path):
     assert (cut / "round_01" / "panel_000.png").stat().st_mtime_ns == kept  # the finished panel was not redone
     record = json.loads((cut / "story.json").read_text())
     assert record["progress"] == {"round": 2, "panels": 2, "done": True}
-    assert sum(record["panels"], []) == sorted(pngs(whole))
+    assert sorted(record["files"]) == sorted(pngs(whole))
     assert [(e["round"], e["panels_made"]) for e in record["log"]] == [(0, 2), (1, 1), (2, 2)]
     assert [e["reference_encodings"] for e in record["log"]] == [0, 2, 2]  # N encodings per round, not N^2
-    assert record["seed"] == 7 and record["scales"] == [0.3, 0.5]
+    assert record["settings"]["seed"] == 7 and record["story"]["scales"] == [0.3, 0.5]
     assert not list(cut.rglob(".*.tmp"))  # no temporary file left behind
 
 
@@ -117,7 +117,8 @@ def test_empty_story(capsys, tmp_path):
     blank = tmp_path / "story.txt"
     blank.write_text("\n  \n")
     assert "has no prompts" in fails(capsys, "--story", str(blank), "--output_dir", str(tmp_path / "b"))
-    assert "story file not found" in fails(capsys, "--story", str(tmp_path / "nope.txt"))
+    err = fails(capsys, "--story", str(tmp_path / "nope.txt"))
+    assert f"the story file {tmp_path / 'nope.txt'} does not exist" in err
     assert not (tmp_path / "a").exists()
 
 
@@ -138,7 +139,7 @@ def test_missing_files(capsys, tmp_path):
     assert "--base_model_path" in err and "does not exist" in err
     err = fails(capsys, "--base_model_path", str(tmp_path), *out)
     assert "--image_encoder_path, --ip_ckpt required with a base model other than 'tiny'" in err
-    assert "nothing to resume" in fails(capsys, "--resume", *out)
+    assert "there is no run to continue" in fails(capsys, "--resume", *out)
 
 
 def test_ip_adapter_for_another_image_encoder(capsys, tmp_path):
@@ -160,22 +161,15 @@ def test_ip_adapter_for_another_image_encoder(capsys, tmp_path):
 
 
 def test_existing_run_and_clashing_resume(capsys, tmp_path):
+    from mindone_story.runs.record import RunRecord
+
     out = tmp_path / "out"
     out.mkdir()
-    record = {
-        "prompts": ["a cat"],
-        "style": "comic",
-        "seed": 3,
-        "rounds": 1,
-        "steps": 2,
-        "height": 64,
-        "width": 64,
-        "guidance_scale": 5.0,
-        "models": {"base_model_path": "tiny"},
-        "progress": {"round": 0, "panels": 0, "done": False},
-    }
-    (out / "story.json").write_text(json.dumps(record))
-    assert "pass --resume" in fails(capsys, "--output_dir", str(out), "--story", "a cat")
+    settings = {"prompts": ["a cat"], "style": "comic", "seed": 3, "rounds": 1, "steps": 2, "height": 64, "width": 64}
+    settings["guidance_scale"] = 5.0
+    progress = {"round": 0, "panels": 0, "done": False}
+    RunRecord("Story-Adapter", settings, {"base_model_path": "tiny"}, {}, progress).save(out)
+    assert "holds a Story-Adapter run" in fails(capsys, "--output_dir", str(out), "--story", "a cat")
     err = fails(capsys, "--output_dir", str(out), "--resume", "--seed", "4")
     assert "cannot resume with other settings: --seed 4 (recorded 3)" in err
     err = fails(capsys, "--output_dir", str(out), "--resume", "--story", "a dog")
@@ -184,7 +178,7 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "bad,message",
-    [(["--height", "100"], "height must be a positive multiple of 32"), (["--rounds", "-1"], "rounds must be >= 0")],
+    [(["--height", "100"], "height must be a multiple of 32, got 100"), (["--rounds", "-1"], "rounds must be at least 0")],
 )
 def test_bad_settings(capsys, tmp_path, bad, message):
     assert message in fails(capsys, *bad, "--output_dir", str(tmp_path / "out"))

@@ -56,17 +56,20 @@ def run_dir(tmp_path_factory, story_file):
 
 def test_cli_writes_panels_pages_and_story_json(run_dir):
     record = json.loads((run_dir / "story.json").read_text())
-    assert len(record["panels"]) == 6
-    assert record["id_panels"] == {"Bob": [0, 2], "Alice": [1, 3]}
-    assert record["panels"][5]["characters"] == ["Bob", "Alice"] and record["panels"][4]["characters"] == []
-    assert record["panels"][0]["prompt"].startswith("comic  a man with a black suit  wakes up")
-    assert record["model_fingerprint"] and record["settings"]["seed"] == 3407
-    panels = [Image.open(run_dir / p["file"]) for p in record["panels"]]
+    story = record["story"]
+    assert record["format"] == "mindone-story run" and record["method"] == "StoryDiffusion"
+    assert len(story["panels"]) == 6 and record["progress"]["panels"] == list(range(6))
+    assert story["id_panels"] == {"Bob": [0, 2], "Alice": [1, 3]}
+    assert story["panels"][5]["characters"] == ["Bob", "Alice"] and story["panels"][4]["characters"] == []
+    assert story["panels"][0]["prompt"].startswith("comic  a man with a black suit  wakes up")
+    assert record["models"]["fingerprint"] and record["settings"]["seed"] == 3407
+    assert record["files"] == [f"panel_{i:03d}.png" for i in (0, 2, 1, 3, 4, 5)] + ["page_00.png", "page_01.png"]
+    panels = [Image.open(run_dir / f"panel_{i:03d}.png") for i in range(6)]
     assert all(p.size == (64, 64) for p in panels)
     # Four Pannel: 2x2 cells of (64 + 2*10 border) px; 6 panels -> 2 pages
-    pages = [Image.open(run_dir / name) for name in record["pages"]]
+    pages = [Image.open(run_dir / name) for name in record["progress"]["pages"]]
     assert [p.size for p in pages] == [(168, 168), (168, 168)]
-    expected = make_pages(panels, "Four Pannel", [p["caption"] for p in record["panels"]], font_size=8, seed=3407)
+    expected = make_pages(panels, "Four Pannel", [p["caption"] for p in story["panels"]], font_size=8, seed=3407)
     assert np.array_equal(np.asarray(pages[1].convert("RGB")), np.asarray(expected[1].convert("RGB")))
     uncaptioned = make_pages(panels, "Four Pannel", [""] * 6, font_size=8, seed=3407)
     assert not np.array_equal(np.asarray(pages[0].convert("RGB")), np.asarray(uncaptioned[0].convert("RGB")))
@@ -102,11 +105,11 @@ def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path):
         (["--story", "FEW"], "needs 2 id panels"),
         (["--style_name", "Watercolour"], "unknown style 'Watercolour'"),
         (["--sd_model_name", "SDXL-Turbo"], "unknown model 'SDXL-Turbo'"),
-        (["--height", "100"], "multiples of 32"),
+        (["--height", "100"], "height must be a multiple of 32, got 100"),
         (["--sd_model_name", "RealVision", "--cache_dir", "/nonexistent"], "was not found under --cache_dir"),
     ],
 )
-def test_bad_input_is_a_clear_error(tmp_path, extra, message):
+def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):
     stories = {
         "EMPTY": "\n\n",
         "UNDEFINED": "[Bob] a\n[Bob] b\n[Alice] c\n[Alice] d\n[Carol] e\n",
@@ -121,9 +124,9 @@ def test_bad_input_is_a_clear_error(tmp_path, extra, message):
     else:
         (tmp_path / "s.txt").write_text(STORY)
         argv += ["--story", str(tmp_path / "s.txt")]
-    with pytest.raises(SystemExit) as err:
-        story_cli.main(argv + extra)
-    assert message in str(err.value)
+    assert story_cli.main(argv + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.startswith("error: ") and not any(tmp_path.glob("panel_*"))
 
 
 def test_windowed_writes_give_every_tile_the_same_shapes():
@@ -141,7 +144,7 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 
-    fake = SimpleNamespace(sdxl=SimpleNamespace(check_size=lambda h, w: None), _run=run)
+    fake = SimpleNamespace(check=lambda story, settings: None, _run=run)
     StoryDiffusionPipeline.__call__(fake, story, StorySettings(window=2), progress=False)
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]

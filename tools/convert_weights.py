@@ -5,7 +5,7 @@
 
 --input is an sgm single file (.safetensors / .ckpt) or a diffusers folder. Everything is read and checked before
 anything is written (strict: a missing, unexpected or mis-shaped key, a wrong model family or an IP-Adapter that
-does not fit its image encoder stops the run with exit code 1). The output is written tensor by tensor (one source
+does not fit its image encoder stops the run with exit status 2). The output is written tensor by tensor (one source
 tensor in memory at a time) into a staging folder that is renamed to --output only when complete:
 
     unet/ vae/                    config.json + diffusion_pytorch_model.safetensors (or shards + index.json)
@@ -31,11 +31,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mindone_story.errors import StoryError, main_guard  # noqa: E402
 from mindone_story.weights import (  # noqa: E402
-    LayoutError,
     LazyTensor,
     MappedWeights,
-    WeightFileError,
     read_image_encoder,
     read_ip_adapter,
     read_sdxl,
@@ -60,8 +59,14 @@ _MODEL_INDEX = {
 
 def parse_size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9}
-    text = text.strip().upper()
-    return int(float(text[:-2]) * units[text[-2:]]) if text[-2:] in units else int(text)
+    clean = text.strip().upper()
+    try:
+        size = float(clean[:-2]) * units[clean[-2:]] if clean[-2:] in units else float(clean)
+    except ValueError:
+        raise StoryError(f"max_shard_size must be a size such as 5GB or 500MB, got {text!r}") from None
+    if not size >= 1:  # also refuses nan
+        raise StoryError(f"max_shard_size must be at least one byte, got {text!r}")
+    return int(size)
 
 
 def lazy_cast(weights: MappedWeights, key: str, dtype: str) -> LazyTensor:
@@ -194,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max_shard_size", default="5GB", help="largest safetensors shard, e.g. 5GB, 500MB")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     args = p.parse_args(argv)
-    args.max_shard_bytes = parse_size(args.max_shard_size)
-    try:
-        return convert(args)
-    except (LayoutError, WeightFileError, OverflowError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+
+    def run() -> int:
+        args.max_shard_bytes = parse_size(args.max_shard_size)
+        try:
+            return convert(args)
+        except OverflowError as e:  # a value too large for fp16: the user's choice of --dtype
+            raise StoryError(str(e)) from None
+
+    return main_guard(run)  # bad input and bad files: "error: ..." and exit status 2
 
 
 if __name__ == "__main__":

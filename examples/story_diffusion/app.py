@@ -22,11 +22,12 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 import gradio as gr  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py and app_logic.py, also when imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # app_logic.py, also when imported
 import app_logic as logic  # noqa: E402
 
+from mindone_story.errors import describe  # noqa: E402
+from mindone_story.runs.story_diffusion import run_story  # noqa: E402
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
-from mindone_story.story.output import write_story  # noqa: E402
 from mindone_story.story.prompts import DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
 
 log = logging.getLogger("mindone_story.app")
@@ -71,8 +72,8 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-            raise gr.Error(str(err).strip("'\""), print_exception=False) from None
+        except (ValueError, OSError) as err:  # StoryError, the readers' errors, the file system's
+            raise gr.Error(describe(err), print_exception=False) from None
         except Exception as err:  # noqa: BLE001 - never show a traceback in the page
             log.error("request failed:\n%s", traceback.format_exc())
             raise gr.Error(f"the run failed: {type(err).__name__}: {err}", print_exception=False) from None
@@ -114,22 +115,27 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         font_size,
         progress=gr.Progress(),  # noqa: B008 - how Gradio passes its progress tracker
     ):
-        settings, id_length, typesetting, font_size = logic.story_diffusion_settings(
+        settings, id_length, layout = logic.story_diffusion_settings(
             style, id_length, sa32, sa64, steps, guidance, height, width, seed, typesetting, font_size
         )
+        story = logic.parse_form_story(characters, story_text, id_length)
         model = logic.choose_model(model_name, model_path, args.cache_dir)
-        out = logic.new_output_dir(args.output_dir, "story_diffusion")
-        try:
-            story = logic.parse_form_story(characters, story_text, id_length, out)
-        except ValueError:
-            logic.remove_folder(out)
-            raise
         pipe, loaded = load(progress, logic.story_diffusion_pipeline, model)
+        out = logic.new_output_dir(args.output_dir, "story_diffusion")
         start = time.time()
         extra = {"mode": args.mode, "dtype": args.dtype}
-        panels, pages = write_story(
-            pipe, story, settings, out, typesetting, font_size, model, extra, reporter(progress), show_progress=False
+        result = run_story(
+            pipe,
+            story,
+            settings,
+            out,
+            layout,
+            {"model": model},
+            extra,
+            progress=reporter(progress),
+            show_progress=False,
         )
+        panels, pages = result.panels, result.pages
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]
         status = f"{len(panels)} panels, {len(pages)} page(s) in {time.time() - start:.1f} s (model {loaded}): `{out}`"
         return list(zip(map(str, panels), captions)), [str(p) for p in pages], str(logic.zip_folder(out)), status

@@ -21,48 +21,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from run import build_story, dtype_of  # the StoryDiffusion CLI beside this file
-
+from mindone_story import checks
+from mindone_story.errors import StoryError
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StorySettings
-from mindone_story.story.comic import LAYOUTS
-from mindone_story.story.output import Progress
-from mindone_story.story.prompts import STYLE_NAMES, Story
+from mindone_story.runs.story_diffusion import PageLayout, Progress
+from mindone_story.story.prompts import Story, story_from_text
 
 MODEL_NAMES = list(MODELS)  # "tiny" included
+DTYPES = {None: None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-# -- form values ---------------------------------------------------------------------------------------------------
-def as_int(name: str, value: Any, low: int | None = None) -> int:
-    """A whole number from a form field (Gradio's Number gives floats); ``low`` is the smallest allowed."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
-    if not number.is_integer():
-        raise ValueError(f"{name} must be a whole number, got {value!r}")
-    if low is not None and number < low:
-        raise ValueError(f"{name} must be at least {low}, got {int(number)}")
-    return int(number)
+def dtype_of(name: str | None):
+    import mindspore as ms
+
+    return None if name is None else getattr(ms, DTYPES[name])
 
 
-def as_float(name: str, value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-
-
-def check_size(height: int, width: int) -> None:
-    if height % 32 or width % 32:
-        raise ValueError(f"height and width must be multiples of 32, got {height}x{width}")
-
-
+# -- form values: the library's own checks, so a rule is written once -------------------------------------------
 def choose_model(name: str | None, path: str | None, cache_dir: str | os.PathLike) -> str:
     """The checkpoint to load: a local path if one is typed, else the named model's folder, or "tiny"."""
     path = (path or "").strip()
     if not path and not name:
-        raise ValueError(f"choose a model ({', '.join(MODEL_NAMES)}) or type a local path")
+        raise StoryError(f"choose a model ({', '.join(MODEL_NAMES)}) or type a local path")
     return str(resolve_model(name, path or None, cache_dir))
 
 
@@ -79,39 +60,31 @@ def story_diffusion_settings(
     typesetting: str,
     font_size: Any,
     negative_prompt: str = DEFAULT_NEGATIVE,
-) -> tuple[StorySettings, int, str, int]:
-    """(settings, id_length, typesetting, font size) from the StoryDiffusion tab, checked."""
-    if style not in STYLE_NAMES:
-        raise ValueError(f"unknown style {style!r}; choose one of {', '.join(STYLE_NAMES)}")
-    if typesetting not in LAYOUTS:
-        raise ValueError(f"unknown typesetting {typesetting!r}; choose one of {', '.join(LAYOUTS)}")
-    height, width = as_int("height", height, 32), as_int("width", width, 32)
-    check_size(height, width)
+) -> tuple[StorySettings, int, PageLayout]:
+    """(settings, id_length, page layout) from the StoryDiffusion tab, checked."""
     settings = StorySettings(
-        height=height,
-        width=width,
-        steps=as_int("steps", steps, 1),
-        guidance_scale=as_float("guidance", guidance),
-        seed=as_int("seed", seed, 0),
-        sa32=as_float("sa32", sa32),
-        sa64=as_float("sa64", sa64),
+        height=checks.whole("height", height),
+        width=checks.whole("width", width),
+        steps=checks.whole("steps", steps),
+        guidance_scale=guidance,
+        seed=checks.whole("seed", seed),
+        sa32=sa32,
+        sa64=sa64,
         style_name=style,
         negative_prompt=negative_prompt,
     )
-    settings.check()
-    return settings, as_int("id_length", id_length, 1), typesetting, as_int("caption font size", font_size, 1)
+    layout = PageLayout(typesetting, checks.whole("caption font size", font_size, 1))
+    return settings, checks.whole("id_length", id_length, 1), layout
 
 
-def parse_form_story(characters: str, story_text: str, id_length: int, folder: Path) -> Story:
-    """The story as the CLI reads it: ``story.txt`` is written into the run's folder and parsed by run.py's
-    ``build_story`` (a character box of ``[Name] description`` lines, or one plain description of the hero)."""
+def parse_form_story(characters: str, story_text: str, id_length: int) -> Story:
+    """The story as the CLI reads it: a character box of ``[Name] description`` lines (or one plain description of
+    the hero) and one panel per line."""
     if not (characters or "").strip():
-        raise ValueError("the character box is empty: write one '[Name] description' line per character")
+        raise StoryError("the character box is empty: write one '[Name] description' line per character")
     if not (story_text or "").strip():
-        raise ValueError("the story is empty: write one panel per line")
-    path = folder / "story.txt"
-    path.write_text(story_text, encoding="utf-8")
-    return build_story(characters, str(path), id_length)
+        raise StoryError("the story is empty: write one panel per line")
+    return story_from_text(characters, story_text, id_length)
 
 
 # -- models ----------------------------------------------------------------------------------------------------------
@@ -184,18 +157,16 @@ def story_adapter_settings(
 
     prompts = [line.strip() for line in (story_text or "").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError("the story is empty: write one panel prompt per line")
-    height, width = as_int("height", height, 32), as_int("width", width, 32)
-    check_size(height, width)
+        raise StoryError("the story is empty: write one panel prompt per line")
     return AdapterSettings(
         prompts=tuple(prompts),
         style=style,
-        seed=as_int("seed", seed, 0),
-        rounds=as_int("rounds", rounds, 0),
-        steps=as_int("steps", steps, 1),
-        height=height,
-        width=width,
-        guidance_scale=as_float("guidance", guidance),
+        seed=checks.whole("seed", seed),
+        rounds=checks.whole("rounds", rounds),
+        steps=checks.whole("steps", steps),
+        height=checks.whole("height", height),
+        width=checks.whole("width", width),
+        guidance_scale=guidance,
     )
 
 
@@ -210,10 +181,10 @@ def adapter_files(model: str, image_encoder: str | None, ip_ckpt: str | None) ->
         ip_ckpt = ip_ckpt or str(root / "ip_adapter" / TINY_IP_ADAPTER)
     missing = [label for label, value in (("image encoder", image_encoder), ("IP-Adapter file", ip_ckpt)) if not value]
     if missing:
-        raise ValueError(f"Story-Adapter on {model} needs the path of its {' and '.join(missing)}")
+        raise StoryError(f"Story-Adapter on {model} needs the path of its {' and '.join(missing)}")
     for label, value in (("image encoder", image_encoder), ("IP-Adapter file", ip_ckpt)):
         if not Path(value).exists():
-            raise FileNotFoundError(f"{label} not found: {value}")
+            raise StoryError(f"{label} not found: {value}")
     return {"base_model_path": model, "image_encoder_path": image_encoder, "ip_ckpt": ip_ckpt}
 
 
@@ -229,36 +200,19 @@ def story_adapter_pipeline(cache: ModelCache, files: dict[str, str], dtype: str 
     return cache.get(("Story-Adapter", *files.values(), dtype, mode), build)
 
 
-class _Reporting:
-    """The Story-Adapter pipeline as generate_story sees it, reporting each panel it makes."""
-
-    def __init__(self, pipe, on_panel: Callable[[], None]):
-        self._pipe, self._on_panel = pipe, on_panel
-
-    def __getattr__(self, name):
-        return getattr(self._pipe, name)
-
-    def panel(self, *args, **kwargs):
-        image = self._pipe.panel(*args, **kwargs)
-        self._on_panel()
-        return image
-
-
 def run_story_adapter(
     pipe, settings, files: dict[str, str], out: Path, progress: Progress | None = None
 ) -> list[list[Path]]:
     """Every round of the story into ``out`` (run_story_adapter.py's folder); returns the panel files by round."""
-    from mindone_story.pipelines.story_adapter import generate_story, panel_path
+    from mindone_story.runs.story_adapter import generate_story, panel_path
 
-    n, total, made = len(settings.prompts), len(settings.prompts) * (settings.rounds + 1), [0]
+    n, total = len(settings.prompts), len(settings.prompts) * (settings.rounds + 1)
 
-    def on_panel():
-        made[0] += 1
+    def on_panel(r: int, i: int, rounds: int, n: int) -> None:
         if progress:
-            r, i = divmod(made[0] - 1, n)
-            progress(made[0], total, f"round {r}/{settings.rounds}, panel {i + 1}/{n}")
+            progress(r * n + i + 1, total, f"round {r}/{rounds}, panel {i + 1}/{n}")
 
     if progress:
         progress(0, total, f"round 0/{settings.rounds}")
-    generate_story(_Reporting(pipe, on_panel), settings, out, models=files, progress=False)
+    generate_story(pipe, settings, out, models=files, on_panel=on_panel)
     return [[out / panel_path(r, i) for i in range(n)] for r in range(settings.rounds + 1)]

@@ -18,36 +18,30 @@ import argparse
 import sys
 from pathlib import Path
 
+from frontend import add_common, add_output, setup
+
+from mindone_story.errors import main_guard
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.schedulers import SCHEDULERS
-from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionPipeline, StorySettings
+from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StorySettings
+from mindone_story.runs import files
+from mindone_story.runs.story_diffusion import METHOD, PageLayout, kept, run_story
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS
-from mindone_story.story.output import write_story
-from mindone_story.story.prompts import STYLE_NAMES, Story, parse_story
+from mindone_story.story.prompts import STYLE_NAMES, read_story_file, story_from_text
 
-# the default story of mindone's run.py: six actions and two more, for one character
-DEFAULT_ACTIONS = [
-    "wake up in the bed",
-    "have breakfast",
-    "is on the road, go to the company",
-    "work in the company",
-    "running in the playground",
-    "reading book in the home",
-    "siting on the sofa",
-    "on the bed, at night",
-]
-HERO = "Hero"
+TINY = {"height": 128, "width": 128, "steps": 4}  # the tiny model is a smoke test, not a picture
+DEFAULTS = {"height": 768, "width": 768, "steps": 50, "seed": 3407, "guidance_scale": 5.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--height", type=int, default=None, help="default 768 (128 for the tiny model)")
-    p.add_argument("--width", type=int, default=None, help="default 768 (128 for the tiny model)")
-    p.add_argument("--sd_model_name", default="RealVision", help=f"one of {sorted(MODELS)}")
+    p.add_argument(
+        "--sd_model_name", "--model", dest="sd_model_name", default="RealVision", help=f"one of {sorted(MODELS)}"
+    )
     p.add_argument("--model_path", default=None, help="a diffusers folder or a single file (overrides sd_model_name)")
-    p.add_argument("--style_name", default="Comic book", help=f"one of {STYLE_NAMES}")
     p.add_argument("--cache_dir", default="./cache_dir", help="where --sd_model_name folders are looked up")
-    p.add_argument("--output_dir", default="outputs")
+    p.add_argument("--local_files_only", action="store_true", help="accepted for compatibility: nothing is downloaded")
+    p.add_argument("--style_name", "--style", dest="style_name", default="Comic book", help=f"one of {STYLE_NAMES}")
     p.add_argument(
         "--general_prompt",
         default="a man with a black suit",
@@ -55,9 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--story", default=None, help="a file with one panel per line (default: mindone's 8 actions)")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE)
-    p.add_argument("--sampling_steps", type=int, default=None, help="default 50 (4 for the tiny model)")
-    p.add_argument("--guidance_scale", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=3407)
+    add_common(p, "default 50 (4 for the tiny model)", "default 768 (128 for the tiny model)")
     p.add_argument("--id_length", type=int, default=4)
     p.add_argument("--sa32", type=float, default=0.5, help="share of 1/32-resolution tokens each image sees")
     p.add_argument("--sa64", type=float, default=0.5, help="share of 1/16-resolution tokens each image sees")
@@ -71,86 +63,55 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"caption font size (default {DEFAULT_FONT_SIZE} at 768 px wide, scaled with the width)",
     )
-    p.add_argument(
-        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, fp16 on Ascend"
-    )
-    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend"])
-    p.add_argument("--local_files_only", action="store_true", help="accepted for compatibility: nothing is downloaded")
+    add_output(p, "outputs")
     return p.parse_args(argv)
 
 
-def build_story(general_prompt: str, story_file: str | None, id_length: int) -> Story:
-    lines = Path(story_file).read_text(encoding="utf-8") if story_file else None
-    if "[" in general_prompt:
-        if lines is None:
-            raise ValueError("a character box in --general_prompt needs a --story file naming the characters")
-        return parse_story(general_prompt, lines, id_length)
-    if lines is None:
-        lines = "\n".join(f"[{HERO}],{action} #{action}" for action in DEFAULT_ACTIONS)
-    else:  # a plain description: every panel without a tag is about the one character
-        lines = "\n".join(
-            line if ("[" in line or not line.strip()) else f"[{HERO}],{line.split('#')[0]} #{line.rpartition('#')[2]}"
-            for line in lines.splitlines()
-        )
-    return parse_story(f"[{HERO}] {general_prompt}", lines, id_length)
+def run(args: argparse.Namespace) -> int:
+    # everything is checked before a model is loaded or a file is written
+    model = resolve_model(args.sd_model_name, args.model_path, args.cache_dir)
+    defaults = {**DEFAULTS, **(TINY if model == "tiny" else {})}
+    values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    settings = StorySettings(
+        **values,
+        sa32=args.sa32,
+        sa64=args.sa64,
+        style_name=args.style_name,
+        negative_prompt=args.negative_prompt,
+        scheduler=args.scheduler,
+        window=args.window,
+        read_batch=args.read_batch,
+    )
+    layout = PageLayout(args.typesetting, args.font_size)
+    story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
+    out = Path(args.output_dir)
+    files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
+    dtype = setup(args.device, args.dtype)
 
+    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
+    from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
-def dtype_of(name: str | None):
-    import mindspore as ms
-
-    return {None: None, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[name]
+    models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype)
+    pipe = StoryDiffusionPipeline(models, mode=args.mode)
+    result = run_story(
+        pipe,
+        story,
+        settings,
+        out,
+        layout,
+        models={"model": model},
+        extra={"mode": args.mode, "dtype": args.dtype},
+        resume=args.resume,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+    )
+    print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
+    return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import mindspore as ms
-
-    from mindone_story.layers import set_device
-    from mindone_story.pretrained import load_sdxl, tiny_model_dir
-
-    if args.device:
-        set_device(args.device)
-    ms.runtime.launch_blocking()
-    tiny = args.sd_model_name == "tiny" and not args.model_path
-    args.height = args.height or (128 if tiny else 768)
-    args.width = args.width or (128 if tiny else 768)
-    args.sampling_steps = args.sampling_steps or (4 if tiny else 50)
-    args.font_size = args.font_size or max(8, round(DEFAULT_FONT_SIZE * args.width / 768))
-    if args.dtype == "bf16" and args.device != "Ascend" and ms.get_context("device_target") != "Ascend":
-        raise SystemExit("error: bf16 has no CPU kernels; use --dtype fp32 (the CPU default) or run on Ascend")
-    if args.style_name not in STYLE_NAMES:
-        raise SystemExit(f"error: unknown style {args.style_name!r}; choose one of {STYLE_NAMES}")
-    try:
-        story = build_story(args.general_prompt, args.story, args.id_length)
-        settings = StorySettings(
-            args.height,
-            args.width,
-            args.sampling_steps,
-            args.guidance_scale,
-            args.seed,
-            args.sa32,
-            args.sa64,
-            args.style_name,
-            args.negative_prompt,
-            args.scheduler,
-            args.window,
-            args.read_batch,
-        )
-        settings.check()
-        model = resolve_model(args.sd_model_name, args.model_path, args.cache_dir)
-        if args.height % 32 or args.width % 32:
-            raise ValueError(f"height and width must be multiples of 32, got {args.height}x{args.width}")
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(f"error: {err}") from None
-
-    models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype_of(args.dtype))
-    pipe = StoryDiffusionPipeline(models, mode=args.mode)
-    out = Path(args.output_dir)
-    extra = {"mode": args.mode, "dtype": args.dtype}
-    panels, pages = write_story(pipe, story, settings, out, args.typesetting, args.font_size, model, extra)
-    print(f"wrote {len(panels)} panels and {len(pages)} page(s) to {out}")
-    return 0
+    return main_guard(lambda: run(args), lambda: kept(args.output_dir))
 
 
 if __name__ == "__main__":

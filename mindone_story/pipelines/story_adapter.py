@@ -15,23 +15,19 @@ are read back from round r-1's PNG files (lossless), so a resumed run gives the 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from mindspore import Tensor
 from PIL import Image
-from tqdm.auto import tqdm
 
+from .. import checks
+from ..errors import StoryError
 from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
-from ..story.grca import REFERENCE_SIZE, GlobalReference, ReferenceEncoder, round_scales
-from ..story.output import RECORD, png_bytes, write_atomic
+from ..story.grca import GlobalReference, ReferenceEncoder, round_scales
 from .sdxl import SDXLPipeline
 
 # "{prompt}" is replaced verbatim (prompts may hold braces); the strings are the original's.
@@ -75,18 +71,26 @@ class StorySettings:
     guidance_scale: float = 5.0
 
     def __post_init__(self):
+        if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
+            raise StoryError("prompts must be a list of panel prompts (text)")
         object.__setattr__(self, "prompts", tuple(self.prompts))
         if not self.prompts or not any(p.strip() for p in self.prompts):
-            raise ValueError("the story is empty: give at least one panel prompt")
+            raise StoryError("the story is empty: give at least one panel prompt")
         blank = [i for i, p in enumerate(self.prompts) if not p.strip()]
         if blank:
-            raise ValueError(f"panel prompts {blank[:10]} are empty")
-        styled("", self.style)
-        if self.rounds < 0 or self.steps < 1:
-            raise ValueError(f"rounds must be >= 0 and steps >= 1, got {self.rounds} and {self.steps}")
-        for name, value in (("height", self.height), ("width", self.width)):
-            if value <= 0 or value % 32:
-                raise ValueError(f"{name} must be a positive multiple of 32, got {value}")
+            raise StoryError(f"panel prompts {blank[:10]} are empty")
+        height, width = checks.image_size(self.height, self.width)
+        values = {
+            "style": checks.one_of("style", self.style, sorted(STYLES)),
+            "seed": checks.seed(self.seed),
+            "rounds": checks.whole("rounds", self.rounds, 0, 1000),
+            "steps": checks.whole("steps", self.steps, 1, 1000),
+            "height": height,
+            "width": width,
+            "guidance_scale": checks.number("guidance_scale", self.guidance_scale, 0.0),
+        }
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     @property
     def model_prompts(self) -> list[str]:
@@ -138,131 +142,3 @@ class StoryAdapterPipeline:
 
     def reference(self, images: Sequence[Image.Image], scale: float) -> GlobalReference:
         return self.references.control(images, scale)
-
-
-# -- the output folder ----------------------------------------------------------------------------------------------
-def panel_path(round_index: int, panel: int) -> str:
-    return f"round_{round_index:02d}/panel_{panel:03d}.png"
-
-
-@dataclass
-class StoryRecord:
-    """story.json: what was asked, with which models, and how far the run got."""
-
-    settings: StorySettings
-    models: dict[str, Any]
-    mode: str = "graph"
-    progress: dict[str, Any] = field(default_factory=lambda: {"round": 0, "panels": 0, "done": False})
-    log: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        s = self.settings
-        record = {
-            "method": "Story-Adapter",
-            **s.to_dict(),
-            "model_prompts": s.model_prompts,
-            "negative_prompt": NEGATIVE_PROMPT,
-            "scales": s.scales,
-            "scheduler": {"name": "ddim", **DDIM_CONFIG},
-            "reference_size": REFERENCE_SIZE,
-            "mode": self.mode,
-            "models": self.models,
-            "progress": self.progress,
-            "panels": self.finished_panels(),
-            "log": self.log,
-        }
-        return json.dumps(record, indent=2, ensure_ascii=False)
-
-    def finished_panels(self) -> list[list[str]]:
-        """The files written so far, per round."""
-        n, current = len(self.settings.prompts), self.progress["round"]
-        return [
-            [panel_path(r, i) for i in range(n if r < current else self.progress["panels"])] for r in range(current + 1)
-        ]
-
-    @classmethod
-    def read(cls, folder: Path) -> StoryRecord:
-        path = folder / RECORD
-        if not path.is_file():
-            raise FileNotFoundError(f"nothing to resume: {path} does not exist")
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        names = {f.name for f in dataclasses.fields(StorySettings)}
-        settings = StorySettings(**{k: v for k, v in raw.items() if k in names})
-        return cls(settings, raw["models"], raw.get("mode", "graph"), raw["progress"], raw.get("log", []))
-
-    def save(self, folder: Path) -> None:
-        write_atomic(folder / RECORD, self.to_json().encode("utf-8"))
-
-
-def check_resumable(record: StoryRecord, settings: StorySettings, fingerprints: dict[str, str]) -> None:
-    """A resumed run must make the same images: same settings, same model files."""
-    old, new = record.settings.to_dict(), settings.to_dict()
-    diffs = [f"{k}: recorded {old[k]!r}, given {new[k]!r}" for k in old if old[k] != new[k]]
-    diffs += [
-        f"{k} fingerprint: recorded {record.models.get(k)!r}, now {v!r}"
-        for k, v in fingerprints.items()
-        if record.models.get(k) != v
-    ]
-    if diffs:
-        raise ValueError("cannot resume: the run was made with other settings or models:\n  " + "\n  ".join(diffs))
-
-
-def generate_story(
-    pipe: StoryAdapterPipeline,
-    settings: StorySettings,
-    output_dir: str | os.PathLike,
-    models: dict[str, Any] | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> StoryRecord:
-    """Run (or resume) a whole story into ``output_dir``; returns the final record.
-
-    ``models`` (paths and the like) is stored in story.json beside the pipeline's fingerprints.
-    """
-    out = Path(output_dir)
-    if resume:
-        record = StoryRecord.read(out)
-        check_resumable(record, settings, pipe.fingerprints)
-        if record.progress["done"]:
-            return record
-        record.mode = pipe.mode
-    else:
-        if (out / RECORD).exists():
-            raise FileExistsError(f"{out / RECORD} exists: pass resume=True (--resume) or choose another output folder")
-        paths = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in (models or {}).items()}
-        record = StoryRecord(settings, {**paths, **pipe.fingerprints}, pipe.mode)
-        out.mkdir(parents=True, exist_ok=True)
-        record.save(out)
-
-    n, prompts, noise = len(settings.prompts), settings.model_prompts, pipe.noise(settings)
-    start = record.progress["round"]
-    rounds = tqdm(
-        range(start, settings.rounds + 1), desc="rounds", initial=start, total=settings.rounds + 1, disable=not progress
-    )
-    for r in rounds:
-        began, encoded = time.time(), pipe.references.images_encoded
-        reference = None
-        if r > 0:  # all panels of the previous round, from their lossless files
-            images = [Image.open(out / panel_path(r - 1, i)) for i in range(n)]
-            reference = pipe.reference(images, settings.scales[r - 1])
-        (out / f"round_{r:02d}").mkdir(exist_ok=True)
-        first = record.progress["panels"]
-        for i in tqdm(
-            range(first, n), desc=f"round {r:02d}", initial=first, total=n, leave=False, disable=not progress
-        ):
-            write_atomic(out / panel_path(r, i), png_bytes(pipe.panel(prompts[i], noise, settings, reference)))
-            record.progress = {"round": r, "panels": i + 1, "done": False}
-            record.save(out)
-        record.log.append(
-            {
-                "round": r,
-                "scale": settings.scales[r - 1] if r else 0.0,
-                "panels_made": n - first,
-                "reference_encodings": pipe.references.images_encoded - encoded,
-                "seconds": round(time.time() - began, 3),
-            }
-        )
-        last = r == settings.rounds
-        record.progress = {"round": r if last else r + 1, "panels": n if last else 0, "done": last}
-        record.save(out)
-    return record

@@ -16,10 +16,13 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import checks
+from ..errors import StoryError
 from ..pretrained import SDXLModels
 from ..story.consistent import install
 from ..story.id_bank import Draws, IdBank, Phase
-from ..story.prompts import Story, apply_style
+from ..story.prompts import STYLE_NAMES, Story, apply_style
+from .schedulers import SCHEDULERS
 from .sdxl import SDXLPipeline
 
 # The negative prompt of mindone's StoryDiffusion run.py; the style's negative is prepended to it.
@@ -32,6 +35,8 @@ DEFAULT_NEGATIVE = (
 
 @dataclass(frozen=True)
 class StorySettings:
+    """Everything that decides StoryDiffusion's images, checked when made (zero is a value, numbers are finite)."""
+
     height: int = 768
     width: int = 768
     steps: int = 50
@@ -45,14 +50,25 @@ class StorySettings:
     window: int | None = None  # id panels per write batch (None: all id panels of a character at once)
     read_batch: int = 1  # later panels per batch
 
-    def check(self) -> None:
-        for name in ("sa32", "sa64"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
-        if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be at least 1, got {self.window}")
-        if self.read_batch < 1:
-            raise ValueError(f"read_batch must be at least 1, got {self.read_batch}")
+    def __post_init__(self):
+        height, width = checks.image_size(self.height, self.width)
+        values = {
+            "height": height,
+            "width": width,
+            "steps": checks.whole("steps", self.steps, 1, 1000),
+            "guidance_scale": checks.number("guidance_scale", self.guidance_scale, 0.0),
+            "seed": checks.seed(self.seed),
+            "sa32": checks.number("sa32", self.sa32, 0.0, 1.0),
+            "sa64": checks.number("sa64", self.sa64, 0.0, 1.0),
+            "style_name": checks.one_of("style", self.style_name, STYLE_NAMES),
+            "scheduler": checks.one_of("scheduler", self.scheduler, sorted(SCHEDULERS)),
+            "window": None if self.window is None else checks.whole("window", self.window, 1),
+            "read_batch": checks.whole("read_batch", self.read_batch, 1),
+        }
+        if not isinstance(self.negative_prompt, str):
+            raise StoryError(f"negative_prompt must be text, got {self.negative_prompt!r}")
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,14 +136,32 @@ class StoryDiffusionPipeline:
         )
         return self.sdxl.decode(latents)
 
+    def check(self, story: Story, settings: StorySettings) -> None:
+        """Refuse, before any work, a story whose largest batch cannot fit in the host's memory (CPU)."""
+        from ..layers import on_ascend
+
+        ids = [len(v) for v in story.id_panels.values()] + [0]
+        batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
+        unet, vae = self.unet.config, self.sdxl.models.vae.config
+        checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=not on_ascend())
+
     def __call__(
-        self, story: Story, settings: StorySettings, on_panel: PanelCallback | None = None, progress: bool = True
+        self,
+        story: Story,
+        settings: StorySettings,
+        on_panel: PanelCallback | None = None,
+        progress: bool = True,
+        skip: Sequence[int] = (),
     ) -> dict[int, Image.Image]:
-        """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded."""
-        settings.check()
-        self.sdxl.check_size(settings.height, settings.width)
+        """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
+
+        ``skip``: panels already made (a resumed run). Id panels always run, because later panels read the banks
+        they write; a batch of later panels runs unless all its panels are skipped. Batches keep their composition
+        and their draws, so a resumed run gives the same images as an uninterrupted one."""
+        self.check(story, settings)
         self.bank = IdBank()
         images: dict[int, Image.Image] = {}
+        skip = set(skip)
 
         def done(indices, batch_images):
             for i, image in zip(indices, batch_images):
@@ -157,7 +191,11 @@ class StoryDiffusionPipeline:
         for start in range(0, len(others), settings.read_batch):
             batch_ids = others[start : start + settings.read_batch]
             reads = [list(story.panels[i].characters) for i in batch_ids]
-            done(batch_ids, self._run(story, settings, batch_ids, None, reads, phase_seed, progress, bank_images=most))
+            if not skip.issuperset(batch_ids):
+                batch = self._run(story, settings, batch_ids, None, reads, phase_seed, progress, bank_images=most)
+                done(batch_ids, batch)
+            else:
+                bar.update(len(batch_ids))
             phase_seed += 1
         bar.close()
         return images

@@ -225,3 +225,76 @@ def parse_story(characters: str, story: str, id_length: int) -> Story:
         raise ValueError("the story is empty: write one panel per line")
     panels = tuple(parse_panel(line, cast, i) for i, line in enumerate(lines))
     return Story(cast, panels, id_length, _id_panels(cast, panels, id_length))
+
+
+# --- front-end input ----------------------------------------------------------------------------------------------
+# mindone's run.py story: six actions and two more, for the one character of a plain description
+DEFAULT_ACTIONS = (
+    "wake up in the bed",
+    "have breakfast",
+    "is on the road, go to the company",
+    "work in the company",
+    "running in the playground",
+    "reading book in the home",
+    "siting on the sofa",
+    "on the bed, at night",
+)
+_HERO = "Hero"  # the one character of a plain description; never named in messages
+
+
+def story_from_text(general_prompt: str, story_text: str | None, id_length: int) -> Story:
+    """A story from a front end's two texts: a character box (``[Name] description`` lines) with a story of one
+    panel per line, or, as mindone's run.py, one plain description of the character of every untagged panel
+    (with no story text: mindone's eight default actions)."""
+    from ..errors import StoryError
+
+    if not (general_prompt or "").strip():
+        raise StoryError("the character description is empty")
+    if "[" in general_prompt:
+        if story_text is None:
+            raise StoryError("a character box ('[Name] description' lines) needs a story naming the characters")
+        try:
+            return parse_story(general_prompt, story_text, id_length)
+        except ValueError as e:
+            raise StoryError(str(e)) from None
+    if story_text is None:
+        story_text = "\n".join(f"[{_HERO}],{action} #{action}" for action in DEFAULT_ACTIONS)
+    else:  # a plain description: every panel without a tag is about the one character
+        lines = [line for line in story_text.splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            tags = [t for t in _TAG.findall(line) if f"[{t}]" != NC_TAG]
+            if tags:
+                raise StoryError(
+                    f"panel {i} names [{tags[0]}], but the character is given as one plain description: define "
+                    "characters with '[Name] description' lines, or tag panels only with [NC]"
+                )
+        alone = sum(NC_TAG not in line for line in lines)
+        if lines and alone < id_length:
+            raise StoryError(
+                f"the character needs {id_length} id panels (panels without a [tag]) but the story has {alone}: "
+                "add panels or lower id_length"
+            )
+        story_text = "\n".join(
+            line if "[" in line else f"[{_HERO}],{line.split('#')[0]} #{line.rpartition('#')[2]}" for line in lines
+        )
+    try:
+        return parse_story(f"[{_HERO}] {general_prompt}", story_text, id_length)
+    except ValueError as e:
+        raise StoryError(str(e)) from None
+
+
+def read_story_file(path: str) -> str:
+    """The text of a story file: a clear error for a folder, a missing file or text that is not UTF-8."""
+    from pathlib import Path
+
+    from ..errors import StoryError
+
+    p = Path(path)
+    if p.is_dir():
+        raise StoryError(f"the story file {p} is a folder; give a text file with one panel per line")
+    if not p.is_file():
+        raise StoryError(f"the story file {p} does not exist")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise StoryError(f"the story file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None

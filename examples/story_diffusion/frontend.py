@@ -1,0 +1,59 @@
+"""What the command-line front ends share: one flag vocabulary (the originals' spellings kept as aliases), the
+device and dtype setup, and the top-level error handler. The library below speaks no CLI."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' "no PyTorch found" notice: we use none
+
+from mindone_story.errors import StoryError
+
+MODES = {"graph": "graph", "pynative": "pynative", "0": "graph", "1": "pynative"}  # mindone's 0 = GRAPH_MODE
+
+
+def mode(value: str) -> str:
+    if value not in MODES:
+        raise argparse.ArgumentTypeError(f"choose graph, pynative, 0 (graph) or 1 (pynative), got {value!r}")
+    return MODES[value]
+
+
+def add_common(p: argparse.ArgumentParser, steps_help: str, size_help: str) -> None:
+    """Flags every runner has, with one name each (and the originals' names as aliases)."""
+    p.add_argument("--steps", "--sampling_steps", dest="steps", type=int, default=None, help=steps_help)
+    p.add_argument("--height", type=int, default=None, help=size_help)
+    p.add_argument("--width", type=int, default=None, help=size_help)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (default 5.0)")
+    p.add_argument("--mode", type=mode, default="graph", help="graph (default, also 0) or pynative (also 1)")
+    p.add_argument("--device", default=None, choices=["CPU", "Ascend"], help="default: MindSpore's default device")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, fp16 on Ascend"
+    )
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+
+
+def add_output(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--output_dir", default=default)
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue the run recorded in output_dir/story.json")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace the run in output_dir (its panels, pages and record)"
+    )
+
+
+def setup(device: str | None, dtype: str | None):
+    """Set the device (before any model is built) and return the MindSpore dtype asked for (None: the device's
+    default); bf16 where it has no kernels is refused here, before any work."""
+    import mindspore as ms
+
+    if device:
+        from mindone_story.layers import set_device
+
+        set_device(device)
+    ms.runtime.launch_blocking()  # PyNative's async dispatch threads halve the speed on few cores
+    target = device or ms.get_context("device_target")
+    if dtype == "bf16" and target != "Ascend":
+        raise StoryError(f"bf16 has no kernels on {target}; use fp32 (the CPU default) or run on Ascend")
+    return {None: None, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype]

@@ -1,0 +1,145 @@
+"""A Story-Adapter run on disk: ``round_00/panel_000.png`` ... and the run record, resumable panel by panel.
+
+Every file is written atomically and the record is updated after each panel, so a killed run resumes at its first
+unrecorded panel and loses nothing it recorded. Round r's references are read back from round r-1's PNG files
+(lossless, each checked to be whole), so a resumed run gives the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..errors import RecordError
+from ..pipelines.story_adapter import DDIM_CONFIG, NEGATIVE_PROMPT, StorySettings
+from ..story.grca import REFERENCE_SIZE
+from .files import png_bytes, prepare, read_png, write_atomic
+from .record import RunRecord
+
+METHOD = "Story-Adapter"
+# (round, panel, rounds, panels) after each panel is written
+PanelProgress = Callable[[int, int, int, int], None]
+
+
+def panel_path(round_index: int, panel: int) -> str:
+    return f"round_{round_index:02d}/panel_{panel:03d}.png"
+
+
+def settings_of(record: RunRecord) -> StorySettings:
+    """The recorded settings, checked as new ones are (a hand-edited value is a RecordError naming it)."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(StorySettings)]
+    missing = [n for n in names if n not in record.settings]
+    if missing:
+        raise RecordError(f"{record.where}: field 'settings.{missing[0]}' is missing; the record is incomplete")
+    try:
+        return StorySettings(**{n: record.settings[n] for n in names})
+    except ValueError as e:
+        raise RecordError(f"{record.where}: the recorded settings are not valid: {e}") from None
+
+
+def progress_of(record: RunRecord, settings: StorySettings) -> tuple[int, int, bool]:
+    """(round, panels done in it, done), checked against the settings."""
+    r = record.require("progress", "round", int)
+    made = record.require("progress", "panels", int)
+    done = record.require("progress", "done", bool)
+    n = len(settings.prompts)
+    if not (0 <= r <= settings.rounds and 0 <= made <= n):
+        raise RecordError(
+            f"{record.where}: progress (round {r}, {made} panels) does not fit the recorded settings "
+            f"({settings.rounds} rounds of {n} panels)"
+        )
+    return r, made, done
+
+
+def generate_story(
+    pipe,
+    settings: StorySettings,
+    folder: str | Path,
+    models: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_panel: PanelProgress | None = None,
+) -> RunRecord:
+    """Run (or resume) a whole story into ``folder``; returns the final record.
+
+    ``models`` (paths or names) is recorded beside the pipeline's fingerprints; on resume the settings and the
+    fingerprints must equal the recorded ones."""
+    folder = Path(folder)
+    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+    n = len(settings.prompts)
+    if old is not None:
+        record = old
+        recorded = settings_of(record)
+        start, first, done = progress_of(record, recorded)
+        diffs = [
+            f"{k}: recorded {v!r}, given {settings.to_dict()[k]!r}"
+            for k, v in recorded.to_dict().items()
+            if v != settings.to_dict()[k]
+        ]
+        diffs += [
+            f"{k} differs from the recorded file" for k, v in pipe.fingerprints.items() if record.models.get(k) != v
+        ]
+        if diffs:
+            raise RecordError("cannot resume: the run was made with other settings or models: " + "; ".join(diffs[:5]))
+        if done:
+            return record
+        for name in record.files:  # every recorded panel whole before any work
+            read_png(folder / name)
+    else:
+        paths = {k: str(v) for k, v in (models or {}).items() if v is not None}
+        story = {
+            "model_prompts": settings.model_prompts,
+            "negative_prompt": NEGATIVE_PROMPT,
+            "scales": settings.scales,
+            "scheduler": {"name": "ddim", **DDIM_CONFIG},
+            "reference_size": REFERENCE_SIZE,
+        }
+        progress = {"round": 0, "panels": 0, "done": False}
+        record = RunRecord(
+            METHOD, {**settings.to_dict(), "mode": pipe.mode}, {**paths, **pipe.fingerprints}, story, progress
+        )
+        record.save(folder)
+        start, first = 0, 0
+
+    prompts, noise = settings.model_prompts, pipe.noise(settings)
+    for r in range(start, settings.rounds + 1):
+        began, encoded = time.time(), pipe.references.images_encoded
+        reference = None
+        if r > 0:  # all panels of the previous round, from their lossless files
+            images = [read_png(folder / panel_path(r - 1, i)) for i in range(n)]
+            reference = pipe.reference(images, settings.scales[r - 1])
+        (folder / f"round_{r:02d}").mkdir(exist_ok=True)
+        for i in range(first, n):
+            name = panel_path(r, i)
+            write_atomic(folder / name, png_bytes(pipe.panel(prompts[i], noise, settings, reference)))
+            record.progress = {"round": r, "panels": i + 1, "done": False}
+            record.add_file(folder, name)
+            if on_panel:
+                on_panel(r, i, settings.rounds, n)
+        record.log.append(
+            {
+                "round": r,
+                "scale": settings.scales[r - 1] if r else 0.0,
+                "panels_made": n - first,
+                "reference_encodings": pipe.references.images_encoded - encoded,
+                "seconds": round(time.time() - began, 3),
+            }
+        )
+        last = r == settings.rounds
+        record.progress = {"round": r if last else r + 1, "panels": n if last else 0, "done": last}
+        record.save(folder)
+        first = 0
+    return record
+
+
+def kept(folder: str | Path) -> str:
+    """What a stopped run left in ``folder``, for the front ends' interrupt message."""
+    from .record import peek
+
+    raw = peek(folder) or {}
+    files = [f for f in raw.get("files") or [] if isinstance(f, str)]
+    return f"{len(files)} panels kept in {folder}; run again with resume to continue" if files else ""

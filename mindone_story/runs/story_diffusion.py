@@ -1,0 +1,164 @@
+"""A StoryDiffusion run on disk: panels (each saved as soon as it is decoded), pages, and the run record.
+
+``run_story`` checks everything (settings, layout, story, memory, the output folder) before any work, follows the
+folder rule of ``runs.files``, and with ``resume=True`` continues a run that was stopped: the recorded settings,
+story and model must be the ones given, the finished panels are read back (each checked to be a whole PNG), the id
+phases run again (later panels read the banks they write) and only the unfinished later panels are made. Panels are
+deterministic per ``(seed, panel)``, so a resumed story is byte-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from .. import checks
+from ..errors import RecordError
+from ..story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
+from ..story.prompts import Story
+from .files import prepare, read_png, save_png
+from .record import RunRecord
+
+METHOD = "StoryDiffusion"
+Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """How panels become pages: one of ``LAYOUTS`` and the caption font size (default: 45 px at 768 px wide)."""
+
+    typesetting: str = "Four Pannel"
+    font_size: int | None = None
+
+    def __post_init__(self):
+        checks.one_of("typesetting", self.typesetting, LAYOUTS)
+        if self.font_size is not None:
+            object.__setattr__(self, "font_size", checks.whole("font_size", self.font_size, 1, 1000))
+
+    def size_for(self, width: int) -> int:
+        return self.font_size if self.font_size is not None else max(8, round(DEFAULT_FONT_SIZE * width / 768))
+
+
+@dataclass
+class StoryRun:
+    folder: Path
+    panels: list[Path]
+    pages: list[Path]
+    record: RunRecord
+
+
+def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
+    positive, negative = pipe.prompts(story, settings)
+    return {
+        "characters": {c.name: c.description for c in story.characters},
+        "id_length": story.id_length,
+        "id_panels": {k: list(v) for k, v in story.id_panels.items()},
+        "panels": [
+            {
+                "index": i,
+                "text": p.text,
+                "prompt": positive[i],
+                "negative_prompt": negative[i],
+                "caption": p.caption,
+                "characters": list(p.characters),
+                "noise_seed": [settings.seed, i],
+            }
+            for i, p in enumerate(story.panels)
+        ],
+    }
+
+
+def panel_name(index: int) -> str:
+    return f"panel_{index:03d}.png"
+
+
+def run_story(
+    pipe,
+    story: Story,
+    settings,
+    folder: str | Path,
+    layout: PageLayout = PageLayout(),
+    models: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    show_progress: bool = True,
+) -> StoryRun:
+    """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
+
+    ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
+    beside the settings; ``progress(done, total, what)`` is called after every panel."""
+    folder = Path(folder)
+    pipe.check(story, settings)  # memory, before the folder is touched
+    record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
+    record_settings |= extra or {}
+    record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": pipe.sdxl.models.fingerprint}
+    story_section = _story_section(pipe, story, settings)
+    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+    total = len(story.panels)
+    images: dict[int, Image.Image] = {}
+    if old is not None:
+        _check_same_run(old, record_settings, record_models, story_section)
+        record = old
+        for i in record.require("progress", "panels", list):
+            if not isinstance(i, int) or not 0 <= i < total:
+                raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
+            images[i] = read_png(folder / panel_name(i))
+        record.progress = {**record.progress, "done": False}
+    else:
+        record = RunRecord(METHOD, record_settings, record_models, story_section, {"panels": [], "done": False})
+    record.save(folder)
+    start = time.time()
+    if progress:
+        progress(len(images), total, "panels")
+
+    def on_panel(index: int, image: Image.Image) -> None:
+        images[index] = image
+        if index not in record.progress["panels"]:
+            save_png(image, folder / panel_name(index))
+            record.progress["panels"] = sorted(record.progress["panels"] + [index])
+            record.add_file(folder, panel_name(index))
+        if progress:
+            progress(len(images), total, f"panel {index + 1}")
+
+    pipe(story, settings, on_panel=on_panel, progress=show_progress, skip=sorted(images))
+    ordered = [images[i] for i in range(total)]
+    pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
+    names = [f"page_{k:02d}.png" for k in range(len(pages))]
+    for name, page in zip(names, pages):
+        save_png(page, folder / name)
+        if name not in record.files:
+            record.files.append(name)
+    record.progress = {"panels": record.progress["panels"], "pages": names, "done": True}
+    record.log.append({"resumed": old is not None, "seconds": round(time.time() - start, 2)})
+    record.save(folder)
+    return StoryRun(folder, [folder / panel_name(i) for i in range(total)], [folder / n for n in names], record)
+
+
+def _check_same_run(old: RunRecord, settings: dict, models: dict, story: dict) -> None:
+    """A resumed run must make the same images: same settings, story and model files."""
+    diffs = [
+        f"{k}: recorded {old.settings.get(k)!r}, given {v!r}" for k, v in settings.items() if old.settings.get(k) != v
+    ]
+    if old.models.get("fingerprint") != models["fingerprint"]:
+        diffs.append("the model files differ from the recorded ones (fingerprint)")
+    if old.story != story:
+        diffs.append("the story (characters or panels) differs from the recorded one")
+    if diffs:
+        raise RecordError("cannot resume: the run was made with other settings: " + "; ".join(diffs[:5]))
+
+
+def kept(folder: str | Path) -> str:
+    """What a stopped run left in ``folder``, for the front ends' interrupt message."""
+    from .record import peek
+
+    raw = peek(folder) or {}
+    progress, story = raw.get("progress") or {}, raw.get("story") or {}
+    made, total = len(progress.get("panels") or []), len(story.get("panels") or [])
+    return f"{made} of {total} panels kept in {folder}; run again with resume to continue" if total else ""
