@@ -111,7 +111,10 @@ class Child:
         self.report["params"] = int(sum(p.numel() for p in unet.parameters()))
         self.report["rss_after_load"] = rss_bytes()
         args = [torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
-        added = {"text_embeds": torch.from_numpy(inputs["text_embeds"]), "time_ids": torch.from_numpy(inputs["time_ids"])}
+        added = {
+            "text_embeds": torch.from_numpy(inputs["text_embeds"]),
+            "time_ids": torch.from_numpy(inputs["time_ids"]),
+        }
 
         def step():
             with torch.inference_mode():
@@ -140,7 +143,9 @@ class Child:
         self.report["load_s"] = time.perf_counter() - t0
         self.report["params"] = int(sum(int(np.prod(s)) for s in shapes.values()))
         self.report["rss_after_load"] = rss_bytes()
-        args = [ms.Tensor(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")]
+        args = [
+            ms.Tensor(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
+        ]
         # graph: the whole UNet as one ms.jit graph (as the pipelines run it); pynative: op by op, launch_blocking
         compiled = ms.jit(unet.construct) if ms_mode == "graph" else unet
         self.report["ms_mode"] = ms_mode
@@ -190,11 +195,13 @@ def child_main(args) -> None:
             send({"event": "step", "seconds": wall, "cpu_seconds": cpu, "idle_cpu_seconds": idle_cpu})
         elif cmd == "finish":
             np.save(args.output, child.output)
-            send({
-                "event": "finish",
-                "rss_end": rss_bytes(),
-                "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            })
+            send(
+                {
+                    "event": "finish",
+                    "rss_end": rss_bytes(),
+                    "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                }
+            )
             break
 
 
@@ -213,9 +220,22 @@ class Runner:
         self.output_file = workdir / f"out_{framework}.npy"
         read_fd, write_fd = os.pipe()
         cmd = [
-            sys.executable, str(Path(__file__).resolve()), "--child", framework, "--config_file", str(config_file),
-            "--inputs", str(inputs_file), "--output", str(self.output_file), "--result_fd", str(write_fd),
-            "--threads", str(args.threads), "--ms_mode", args.ms_mode,
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            framework,
+            "--config_file",
+            str(config_file),
+            "--inputs",
+            str(inputs_file),
+            "--output",
+            str(self.output_file),
+            "--result_fd",
+            str(write_fd),
+            "--threads",
+            str(args.threads),
+            "--ms_mode",
+            args.ms_mode,
         ]
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         env.update(dict(kv.split("=", 1) for kv in (args.ms_env if framework == "mindspore" else args.torch_env)))
@@ -225,8 +245,14 @@ class Runner:
         self.timeout = args.timeout_s
         self.log = open(workdir / f"log_{framework}.txt", "ab")
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=self.log, stderr=subprocess.STDOUT, pass_fds=(write_fd,),
-            start_new_session=True, env=env, text=True,
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            env=env,
+            text=True,
         )
         os.close(write_fd)
         self.results = os.fdopen(read_fd, "r")
@@ -262,15 +288,19 @@ class Runner:
             self.killed = (f"no answer within --timeout_s {self.timeout:.0f} s", tree_rss_bytes(self.proc.pid))
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-            raise Killed(f"killed after {self.timeout:.0f} s without an answer during {self.phase} "
-                         f"(RSS {self.killed[1] / GB:.1f} GB)")
+            raise Killed(
+                f"killed after {self.timeout:.0f} s without an answer during {self.phase} "
+                f"(RSS {self.killed[1] / GB:.1f} GB)"
+            )
         line = self.results.readline()
         if not line:
             self.proc.wait()
             if self.killed:
                 raise Killed(f"killed at {self.killed[1] / GB:.1f} GB ({self.killed[0]}) during {self.phase}")
-            raise RuntimeError(f"{self.framework} child exited with code {self.proc.returncode} during {self.phase}; "
-                               f"see {self.log.name}")
+            raise RuntimeError(
+                f"{self.framework} child exited with code {self.proc.returncode} during {self.phase}; "
+                f"see {self.log.name}"
+            )
         msg = json.loads(line)
         assert msg["event"] == expected, msg
         return msg
@@ -338,8 +368,11 @@ def run_framework_phases(runners: dict[str, Runner], state: dict[str, dict], ord
         state[fw].setdefault("cpu_s", []).append(msg["cpu_seconds"])
         state[fw].setdefault("idle_cpu_s", []).append(msg["idle_cpu_seconds"])
         state[fw].setdefault("round_steps", [[]])[-1].append(sec)
-        print(f"  {fw}: step {i + 1}/{args.runs}: {sec:.3f} s (CPU {msg['cpu_seconds']:.3f} s, "
-              f"idle CPU before {msg['idle_cpu_seconds']:.3f} s)", flush=True)
+        print(
+            f"  {fw}: step {i + 1}/{args.runs}: {sec:.3f} s (CPU {msg['cpu_seconds']:.3f} s, "
+            f"idle CPU before {msg['idle_cpu_seconds']:.3f} s)",
+            flush=True,
+        )
 
     def finish(fw):
         runners[fw].phase = "finish"
@@ -349,14 +382,14 @@ def run_framework_phases(runners: dict[str, Runner], state: dict[str, dict], ord
 
     for fw in order:
         state[fw].setdefault("round_steps", []).append([])
-        guarded(fw, lambda: ready(fw))
+        guarded(fw, lambda fw=fw: ready(fw))
     for fw in order:
-        guarded(fw, lambda: warm(fw))
+        guarded(fw, lambda fw=fw: warm(fw))
     for i in range(args.runs):
         for fw in order:
-            guarded(fw, lambda: step(fw, i))
+            guarded(fw, lambda fw=fw, i=i: step(fw, i))
     for fw in order:
-        guarded(fw, lambda: finish(fw))
+        guarded(fw, lambda fw=fw: finish(fw))
 
 
 def parent_main(args) -> int:
@@ -366,14 +399,19 @@ def parent_main(args) -> int:
     frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
     inputs = make_inputs(config, latent)
     avail = mem_available_bytes()
-    print(f"# UNet step benchmark: config {args.config}, latent {latent} ({latent * 8}x{latent * 8}), CFG batch 2, "
-          f"frameworks {frameworks}; MemAvailable {avail / GB:.1f} GB, cap {args.max_rss_gb} GB per child", flush=True)
+    print(
+        f"# UNet step benchmark: config {args.config}, latent {latent} ({latent * 8}x{latent * 8}), CFG batch 2, "
+        f"frameworks {frameworks}; MemAvailable {avail / GB:.1f} GB, cap {args.max_rss_gb} GB per child",
+        flush=True,
+    )
     if args.min_free_gb:
         deadline = time.time() + args.wait_for_memory_s
         while mem_available_bytes() < args.min_free_gb * GB:
             if time.time() > deadline:
-                print(f"only {mem_available_bytes() / GB:.1f} GB available (< {args.min_free_gb} GB): not running",
-                      flush=True)
+                print(
+                    f"only {mem_available_bytes() / GB:.1f} GB available (< {args.min_free_gb} GB): not running",
+                    flush=True,
+                )
                 return 2
             print(f"  waiting: {mem_available_bytes() / GB:.1f} GB available < {args.min_free_gb} GB", flush=True)
             time.sleep(30)
@@ -382,7 +420,11 @@ def parent_main(args) -> int:
     weight_bytes = 4 * approx_params(config)
     schedule = args.schedule
     if schedule == "auto":
-        schedule = "lockstep" if len(frameworks) > 1 and 3 * weight_bytes + 4 * GB < avail and weight_bytes < GB else "sequential"
+        schedule = (
+            "lockstep"
+            if len(frameworks) > 1 and 3 * weight_bytes + 4 * GB < avail and weight_bytes < GB
+            else "sequential"
+        )
     print(f"  schedule {schedule} ({weight_bytes / GB:.2f} GB of fp32 weights per framework)", flush=True)
 
     workdir = Path(tempfile.mkdtemp(prefix="unet_step_"))
@@ -434,20 +476,40 @@ def approx_params(config: dict) -> int:
 def summarize(args, config, latent, schedule, state, peaks, inputs) -> dict:
     res = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "vcpus": os.cpu_count(), "mem_total_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB, 1),
-                    "python": platform.python_version()},
-        "config": args.config, "latent": latent, "image": latent * 8, "batch": 2, "runs": args.runs,
-        "warmup": args.warmup, "rounds": args.rounds, "schedule": schedule, "threads": args.threads, "ms_mode": args.ms_mode,
-        "max_rss_gb": args.max_rss_gb, "ms_env": args.ms_env, "torch_env": args.torch_env,
-        "ms_setup": args.ms_setup, "frameworks": {},
+        "machine": {
+            "cpu": cpu_model(),
+            "vcpus": os.cpu_count(),
+            "mem_total_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB, 1),
+            "python": platform.python_version(),
+        },
+        "config": args.config,
+        "latent": latent,
+        "image": latent * 8,
+        "batch": 2,
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "schedule": schedule,
+        "threads": args.threads,
+        "ms_mode": args.ms_mode,
+        "max_rss_gb": args.max_rss_gb,
+        "ms_env": args.ms_env,
+        "torch_env": args.torch_env,
+        "ms_setup": args.ms_setup,
+        "frameworks": {},
     }
     for fw, st in state.items():
         r = {}
         if st.get("setup"):
             s = st["setup"][-1]
-            r.update(versions=s["versions"], params=s["params"], weights_crc32=s["weights_crc32"],
-                     load_s=s["load_s"], rss_after_import_gb=s["rss_after_import"] / GB,
-                     rss_after_load_gb=s["rss_after_load"] / GB)
+            r.update(
+                versions=s["versions"],
+                params=s["params"],
+                weights_crc32=s["weights_crc32"],
+                load_s=s["load_s"],
+                rss_after_import_gb=s["rss_after_import"] / GB,
+                rss_after_load_gb=s["rss_after_load"] / GB,
+            )
         if st.get("step_s"):
             r["median_s"] = statistics.median(st["step_s"])
             r["min_s"] = min(st["step_s"])
@@ -492,19 +554,27 @@ def markdown_table(res: dict) -> str:
     def f(v, fmt):
         return fmt.format(v) if isinstance(v, (int, float)) else "–"
 
-    head = (f"\n### UNet step, config {res['config']}, latent {res['latent']} ({res['image']}x{res['image']}), CFG batch 2 "
-            f"({res['date']}, {res['machine']['vcpus']} vCPU {res['machine']['cpu']}, schedule {res['schedule']}, "
-            f"{res['runs']} runs x {res['rounds']} rounds, MindSpore {res.get('ms_mode', 'graph')}"
-            + (f"; MindSpore env {' '.join(res['ms_env'])}" if res.get("ms_env") else "")
-            + (f"; MindSpore setup {Path(res['ms_setup']).name}" if res.get("ms_setup") else "")
-            + (f"; PyTorch env {' '.join(res['torch_env'])}" if res.get("torch_env") else "") + ")\n")
-    rows = ["| framework | median s/step | min s/step | median CPU s/step | compile s (first call − median) | "
-            "RSS after load GB | peak RSS GB (ru_maxrss) | peak − loaded GB |", "|---|---|---|---|---|---|---|---|"]
+    head = (
+        f"\n### UNet step, config {res['config']}, latent {res['latent']} ({res['image']}x{res['image']}), CFG batch 2 "
+        f"({res['date']}, {res['machine']['vcpus']} vCPU {res['machine']['cpu']}, schedule {res['schedule']}, "
+        f"{res['runs']} runs x {res['rounds']} rounds, MindSpore {res.get('ms_mode', 'graph')}"
+        + (f"; MindSpore env {' '.join(res['ms_env'])}" if res.get("ms_env") else "")
+        + (f"; MindSpore setup {Path(res['ms_setup']).name}" if res.get("ms_setup") else "")
+        + (f"; PyTorch env {' '.join(res['torch_env'])}" if res.get("torch_env") else "")
+        + ")\n"
+    )
+    rows = [
+        "| framework | median s/step | min s/step | median CPU s/step | compile s (first call − median) | "
+        "RSS after load GB | peak RSS GB (ru_maxrss) | peak − loaded GB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for fw, r in res["frameworks"].items():
         if r.get("killed") or r.get("error"):
             note = r.get("killed") or r.get("error")
-            rows.append(f"| {fw} | {note} | | | | {f(r.get('rss_after_load_gb'), '{:.2f}')} | "
-                        f"sampled {f(r.get('peak_rss_sampled_gb'), '{:.1f}')} | |")
+            rows.append(
+                f"| {fw} | {note} | | | | {f(r.get('rss_after_load_gb'), '{:.2f}')} | "
+                f"sampled {f(r.get('peak_rss_sampled_gb'), '{:.1f}')} | |"
+            )
             continue
         rows.append(
             f"| {fw} | {f(r.get('median_s'), '{:.4g}')} | {f(r.get('min_s'), '{:.4g}')} | {f(r.get('median_cpu_s'), '{:.4g}')} | "
@@ -513,12 +583,16 @@ def markdown_table(res: dict) -> str:
         )
     tail = []
     if "ratio_ms_over_torch" in res:
-        tail.append(f"MindSpore / PyTorch time ratio: {res['ratio_ms_over_torch']:.2f} "
-                    f"(per round: {', '.join(f'{x:.2f}' for x in res['round_ratios'])})")
+        tail.append(
+            f"MindSpore / PyTorch time ratio: {res['ratio_ms_over_torch']:.2f} "
+            f"(per round: {', '.join(f'{x:.2f}' for x in res['round_ratios'])})"
+        )
     if "max_rel_err" in res:
-        tail.append(f"max relative error (max|ms − torch| / max|torch|): {res['max_rel_err']:.2e} "
-                    f"(max abs {res['max_abs_err']:.2e}, output max {res['output_abs_max']:.3g}); same weights: "
-                    f"{res.get('same_weights')}")
+        tail.append(
+            f"max relative error (max|ms − torch| / max|torch|): {res['max_rel_err']:.2e} "
+            f"(max abs {res['max_abs_err']:.2e}, output max {res['output_abs_max']:.3g}); same weights: "
+            f"{res.get('same_weights')}"
+        )
     return head + "\n".join(rows) + ("\n\n" + "\n".join(tail) if tail else "")
 
 
@@ -535,17 +609,37 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--max_rss_gb", type=float, default=16.0, help="watchdog: kill a child whose RSS exceeds this")
     p.add_argument("--min_avail_gb", type=float, default=1.0, help="watchdog: kill a child if MemAvailable drops below")
-    p.add_argument("--min_free_gb", type=float, default=None,
-                   help="wait before starting until MemAvailable reaches this (default 18 for sdxl, 0 for tiny)")
+    p.add_argument(
+        "--min_free_gb",
+        type=float,
+        default=None,
+        help="wait before starting until MemAvailable reaches this (default 18 for sdxl, 0 for tiny)",
+    )
     p.add_argument("--wait_for_memory_s", type=float, default=1800)
-    p.add_argument("--timeout_s", type=float, default=3600, help="kill a child that does not answer a step in this time")
-    p.add_argument("--ms_env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the MindSpore child only, e.g. ONEDNN_MAX_CPU_ISA=AVX2 (repeatable)")
-    p.add_argument("--torch_env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the PyTorch child only, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)")
-    p.add_argument("--ms_setup", default=None, metavar="PY_FILE",
-                   help="Python file run in the MindSpore child before the model is built (to measure a candidate "
-                        "layer formulation without editing the library)")
+    p.add_argument(
+        "--timeout_s", type=float, default=3600, help="kill a child that does not answer a step in this time"
+    )
+    p.add_argument(
+        "--ms_env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the MindSpore child only, e.g. ONEDNN_MAX_CPU_ISA=AVX2 (repeatable)",
+    )
+    p.add_argument(
+        "--torch_env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the PyTorch child only, e.g. OMP_WAIT_POLICY=PASSIVE (repeatable)",
+    )
+    p.add_argument(
+        "--ms_setup",
+        default=None,
+        metavar="PY_FILE",
+        help="Python file run in the MindSpore child before the model is built (to measure a candidate "
+        "layer formulation without editing the library)",
+    )
     p.add_argument("--out", default=None, help="JSON result path")
     # child-side arguments (internal)
     p.add_argument("--child", choices=FRAMEWORKS, help=argparse.SUPPRESS)

@@ -8,7 +8,6 @@ under ``mindone_story/presets/`` so that the PyTorch fixture scripts read exactl
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,22 +23,7 @@ def _from_dict(cls: type[T], raw: dict[str, Any]) -> T:
     return cls(**values)
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / ("scheduler_config.json" if (path / "scheduler_config.json").exists() else "config.json")
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 class _JsonConfig:
-    @classmethod
-    def from_json(cls, path: str | Path):
-        """Read a config.json (or the folder holding one); unknown keys are ignored."""
-        return _from_dict(cls, _read_json(path))
-
     @classmethod
     def from_dict(cls, raw: dict[str, Any]):
         return _from_dict(cls, raw)
@@ -143,18 +127,6 @@ class CLIPVisionConfig(_JsonConfig):
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 1024
-
-
-@dataclass(frozen=True)
-class SchedulerConfig(_JsonConfig):
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
-    steps_offset: int = 1
-    timestep_spacing: str = "leading"
-    set_alpha_to_one: bool = False
 
 
 def preset_dir(name: str) -> Path:

@@ -100,19 +100,16 @@ def test_story_diffusion_run(sd_run, tmp_path):
     assert "5 panels, 2 page(s)" in status and "model loaded in" in status
     folder = unzip(archive, tmp_path)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["page_00.png", "page_01.png"] + [f"panel_{i:03d}.png" for i in range(5)] + [
-        "story.json",
-        "story.txt",
-    ]
+    assert names == ["page_00.png", "page_01.png"] + [f"panel_{i:03d}.png" for i in range(5)] + ["story.json"]
     record = json.loads((folder / "story.json").read_text())
     # the record holds what the form asked for, and the prompts the story parser and style give
     story = parse_story(CHARACTERS, STORY, 2)
-    assert record["id_panels"] == {"Bob": [0, 2], "Alice": [1, 3]}
-    assert record["panels"][0]["prompt"] == apply_style("Comic book", story.panels[0].prompt)[0]
-    assert [p["file"] for p in record["panels"]] == [f"panel_{i:03d}.png" for i in range(5)]
+    assert record["story"]["id_panels"] == {"Bob": [0, 2], "Alice": [1, 3]} and record["story"]["id_length"] == 2
+    assert record["story"]["panels"][0]["prompt"] == apply_style("Comic book", story.panels[0].prompt)[0]
+    assert record["files"][:5] == [f"panel_{i:03d}.png" for i in (0, 2, 1, 3, 4)]
     s = record["settings"]
-    assert (s["seed"], s["steps"], s["height"], s["width"], s["sa32"], s["id_length"]) == (7, 2, 64, 64, 0.5, 2)
-    assert s["mode"] == "graph" and record["font_size"] == 8
+    assert (s["seed"], s["steps"], s["height"], s["width"], s["sa32"]) == (7, 2, 64, 64, 0.5)
+    assert s["mode"] == "graph" and s["font_size"] == 8
     # the gallery shows the saved panels, and the pages are those panels typeset
     panels = [pixels(item["image"]) for item in gallery]
     for i, panel in enumerate(panels):
@@ -139,8 +136,9 @@ def test_story_adapter_run(client, tmp_path):
     folder = unzip(archive, tmp_path)
     record = json.loads((folder / "story.json").read_text())
     assert record["method"] == "Story-Adapter" and record["progress"]["done"]
-    assert record["prompts"] == ["a fox in a blue scarf wakes up", "a fox in a blue scarf walks in the snow"]
-    assert (record["rounds"], record["steps"], record["height"], record["seed"], record["style"]) == (
+    s = record["settings"]
+    assert s["prompts"] == ["a fox in a blue scarf wakes up", "a fox in a blue scarf walks in the snow"]
+    assert (s["rounds"], s["steps"], s["height"], s["seed"], s["style"]) == (
         2,
         2,
         64,
@@ -165,7 +163,7 @@ def test_story_adapter_run(client, tmp_path):
             {"story_text": "[Carol] runs\n"},
             "names [Carol], which the character box does not define",
         ),
-        ("/story_diffusion", {"height": 100}, "height and width must be multiples of 32, got 100x64"),
+        ("/story_diffusion", {"height": 100}, "height must be a multiple of 32, got 100"),
         ("/story_diffusion", {"story_text": "  \n"}, "the story is empty"),
         ("/story_diffusion", {"id_length": 3}, "character [Bob] needs 3 id panels"),
         ("/story_diffusion", {"model_name": "Nope"}, "Nope is not in the list of choices"),  # Gradio's check

@@ -23,14 +23,12 @@ from mindone_story.weights.layouts import (
     read_sdxl,
 )
 
-MANIFESTS = Path(os.environ.get("MANIFESTS", Path(__file__).resolve().parents[2] / "shared" / "manifests"))
+MANIFESTS = Path(__file__).resolve().parent / "fixtures" / "manifests"  # copies of ../shared/manifests
 FIXTURES = Path(__file__).parent / "fixtures"
 LAYOUTS = FIXTURES / "layouts"
 MICRO = {c: LAYOUTS / "configs" / c / "config.json" for c in ("unet", "vae", "text_encoder", "text_encoder_2")}
 SDXL = preset_configs("sdxl")
 BIGG, VIT_H = PRESETS / "image_encoder_bigg" / "config.json", PRESETS / "image_encoder_vit_h" / "config.json"
-
-needs_manifests = pytest.mark.skipif(not MANIFESTS.is_dir(), reason="the shared manifests are not available")
 
 
 class Shapes:
@@ -63,7 +61,6 @@ def mapped_shapes(mapped) -> dict[str, tuple[int, ...]]:
 
 
 # ---- our names and shapes from configs, against the manifests of the original classes ----------------------------
-@needs_manifests
 @pytest.mark.parametrize(
     "fn, config, name",
     [
@@ -88,7 +85,6 @@ def test_our_shapes_equal_a_folder_written_by_diffusers_and_transformers():
         assert fn(json.loads((folder / comp / "config.json").read_text())) == {k: f.shape(k) for k in f}, comp
 
 
-@needs_manifests
 def test_ip_adapter_module_order_equals_the_recorded_table():
     table = json.loads((MANIFESTS / "ip_adapter_sdxl_layer_order.json").read_text())["layers"]
     mods = S.ip_adapter_modules(SDXL["unet"])
@@ -98,7 +94,6 @@ def test_ip_adapter_module_order_equals_the_recorded_table():
 
 
 # ---- full-size coverage: every key of the real layouts onto our names, every target covered ---------------------
-@needs_manifests
 @pytest.mark.parametrize("with_optional", [False, True])
 def test_sgm_single_file_covers_every_parameter(with_optional):
     source = Shapes(manifest("sgm_sdxl_single_file.json", with_optional))
@@ -120,7 +115,6 @@ def test_sgm_single_file_covers_every_parameter(with_optional):
     assert ignored == expected_ignored
 
 
-@needs_manifests
 def test_sgm_transposes_and_splits_are_named():
     mapped = map_single_file(Shapes(manifest("sgm_sdxl_single_file.json")), SDXL, Path("x.safetensors"))
     te2, vae = mapped["text_encoder_2"], mapped["vae"]
@@ -139,7 +133,6 @@ def test_sgm_transposes_and_splits_are_named():
     )
 
 
-@needs_manifests
 @pytest.mark.parametrize("name, encoder", [("ip_adapter_sdxl.json", BIGG), ("ip_adapter_plus_sdxl_vit_h.json", VIT_H)])
 def test_ip_adapter_covers_every_parameter(name, encoder):
     source = Shapes(manifest(name))
@@ -158,7 +151,6 @@ def test_ip_adapter_covers_every_parameter(name, encoder):
     assert len(mapped["unet"]) + len(mapped["image_proj"]) == len(source.shapes)
 
 
-@needs_manifests
 def test_text_encoder_without_text_model_prefix():
     # transformers 5 saves CLIPTextModel without the text_model. prefix; both spellings map to our names.
     m = manifest("hf_clip_text_vit_l.json")
@@ -320,7 +312,6 @@ def test_missing_file(tmp_path):
         read_sdxl(tmp_path / "RealVisXL_V4.0.safetensors")
 
 
-@needs_manifests
 def test_ip_adapter_with_the_wrong_image_encoder():
     base, plus = Shapes(manifest("ip_adapter_sdxl.json")), Shapes(manifest("ip_adapter_plus_sdxl_vit_h.json"))
     with pytest.raises(LayoutError, match=r"width 1280 \(ViT-bigG/14 projection.*projection_dim is 1024"):

@@ -1,4 +1,4 @@
-"""Full-size models have exactly the keys and shapes of the real checkpoints (../shared/manifests/), built without
+"""Full-size models have exactly the keys and shapes of the real checkpoints (tests/fixtures/manifests/), built without
 allocating their weights (parameters are lazily initialised)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from mindone_story.config import preset_dir
 from mindone_story.models.load import parameter_shapes
 from mindone_story.pretrained import build_component
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "manifests"
+MANIFESTS = Path(__file__).resolve().parent / "fixtures" / "manifests"  # copies of ../shared/manifests
 CASES = [
     ("unet", "sdxl/unet", "diffusers_sdxl_unet.json"),
     ("vae", "sdxl/vae", "diffusers_sdxl_vae.json"),
@@ -25,10 +25,7 @@ CASES = [
 
 
 def _manifest(name: str) -> dict:
-    path = MANIFESTS / name
-    if not path.exists():
-        pytest.skip(f"manifests not found at {MANIFESTS}")
-    return json.loads(path.read_text())
+    return json.loads((MANIFESTS / name).read_text())
 
 
 @pytest.mark.parametrize("component,preset,manifest", CASES)

@@ -178,7 +178,10 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
 
 @pytest.mark.parametrize(
     "bad,message",
-    [(["--height", "100"], "height must be a multiple of 32, got 100"), (["--rounds", "-1"], "rounds must be at least 0")],
+    [
+        (["--height", "100"], "height must be a multiple of 32, got 100"),
+        (["--rounds", "-1"], "rounds must be at least 0"),
+    ],
 )
 def test_bad_settings(capsys, tmp_path, bad, message):
     assert message in fails(capsys, *bad, "--output_dir", str(tmp_path / "out"))

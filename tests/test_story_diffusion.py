@@ -151,3 +151,45 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
     assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3
     assert writes[0][2] == [[], []] and writes[1][2] == [["Bob"], ["Bob"]]
     assert calls[-1][0] == [6] and calls[-1][1] is None  # the read panel
+
+
+def test_interrupted_story_says_what_was_kept_and_resumes_to_the_same_images(run_dir, story_file, tmp_path):
+    """Ctrl-C during the later panels: one line saying what was kept; --resume redoes the id phases (the banks are
+    not stored) without rewriting their files, makes only the missing panels, and every PNG equals the
+    uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "cut"
+    argv = FAST + ["--general_prompt", CHARACTERS, "--story", str(story_file), "--output_dir", str(out)]
+    argv += ["--window", "1", "--read_batch", "2", "--no_progress"]
+    cmd = [sys.executable, str(root / "examples" / "story_diffusion" / "run.py"), *argv]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    victim = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            if len(json.loads((out / "story.json").read_text())["progress"]["panels"]) == 4:  # the id panels
+                victim.send_signal(signal.SIGINT)
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    _, err = victim.communicate(timeout=120)
+    assert victim.returncode == 130, err
+    assert (
+        err.strip().splitlines()[-1] == f"interrupted: 4 of 6 panels kept in {out}; run again with resume to continue"
+    )
+    assert "Traceback" not in err and not list(out.glob(".*.tmp")) and not list(out.glob("page_*"))
+    kept = {i: (out / f"panel_{i:03d}.png").stat().st_mtime_ns for i in range(4)}
+    resumed = subprocess.run([*cmd, "--resume"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    for i in range(6):
+        name = f"panel_{i:03d}.png"
+        assert (out / name).read_bytes() == (run_dir / name).read_bytes(), name
+    assert {i: (out / f"panel_{i:03d}.png").stat().st_mtime_ns for i in range(4)} == kept
+    record = json.loads((out / "story.json").read_text())
+    assert record["progress"]["done"] and [e["resumed"] for e in record["log"]] == [True]

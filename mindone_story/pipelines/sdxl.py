@@ -37,12 +37,6 @@ class PromptEmbeds:
     context: Tensor  # [2B, 77, C]: negative prompts, then prompts
     pooled: Tensor  # [2B, P]
 
-    def select(self, indices: Sequence[int]) -> PromptEmbeds:
-        """Rows ``indices`` of both halves (indices into one half of size B)."""
-        half = self.context.shape[0] // 2
-        rows = Tensor(np.array(list(indices) + [half + i for i in indices], np.int32))
-        return PromptEmbeds(self.context[rows], self.pooled[rows])
-
 
 def _compiled(fn: Callable, mode: str) -> Callable:
     if mode == "graph":
