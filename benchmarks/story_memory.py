@@ -185,7 +185,7 @@ def child_main(args) -> dict:
         height=args.size, width=args.size, steps=args.steps, seed=3407, window=args.window, read_batch=args.read_batch
     )
     t0 = time.perf_counter()
-    images = pipe(story, settings, progress=False)
+    images = pipe(story, settings)
     run_s = time.perf_counter() - t0
     assert len(images) == args.ids + args.reads
     unet_compile, graphs = unet.compile_seconds()

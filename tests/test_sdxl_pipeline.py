@@ -25,7 +25,7 @@ def test_pipeline_matches_diffusers(models, io, mode):
     assert rel_err(context[1], io["pipe.prompt_embeds"][0]) < 1e-4
     assert rel_err(embeds.pooled.asnumpy()[1], io["pipe.pooled_prompt_embeds"][0]) < 1e-4
     for scheduler, key in (("euler", "pipe"), ("ddim", "pipe_ddim")):
-        latents = pipe.denoise(io["pipe.latents"], embeds, 3, 5.0, scheduler, progress=False)
+        latents = pipe.denoise(io["pipe.latents"], embeds, 3, 5.0, scheduler)
         assert rel_err(pipe.decode_array(latents), io[f"{key}.image"]) < 1e-3, scheduler
 
 

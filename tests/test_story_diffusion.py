@@ -145,7 +145,7 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         return [None] * len(indices)
 
     fake = SimpleNamespace(check=lambda story, settings: None, _run=run)
-    StoryDiffusionPipeline.__call__(fake, story, StorySettings(window=2), progress=False)
+    StoryDiffusionPipeline.__call__(fake, story, StorySettings(window=2))
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
     assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3

@@ -133,7 +133,6 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             {"model": model},
             extra,
             progress=reporter(progress),
-            show_progress=False,
         )
         panels, pages = result.panels, result.pages
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]

@@ -88,11 +88,24 @@ def run(args: argparse.Namespace) -> int:
     files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
     dtype = setup(args.device, args.dtype)
 
+    from tqdm.auto import tqdm
+
     from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype)
     pipe = StoryDiffusionPipeline(models, mode=args.mode)
+    panels = tqdm(total=len(story.panels), desc="panels", disable=args.no_progress, delay=1)
+    steps = tqdm(desc="steps", leave=False, disable=args.no_progress, delay=1)
+
+    def on_panel(done: int, total: int, what: str) -> None:
+        panels.n = done
+        panels.refresh()
+
+    def on_step(done: int, total: int) -> None:
+        steps.total, steps.n = total, done
+        steps.refresh()
+
     result = run_story(
         pipe,
         story,
@@ -103,8 +116,11 @@ def run(args: argparse.Namespace) -> int:
         extra={"mode": args.mode, "dtype": args.dtype},
         resume=args.resume,
         overwrite=args.overwrite,
-        show_progress=not args.no_progress,
+        progress=on_panel,
+        on_step=on_step,
     )
+    steps.close()
+    panels.close()
     print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
     return 0
 

@@ -7,75 +7,80 @@ python examples/story_diffusion/txt2img.py --model /path/to/RealVisXL_V4.0 --hei
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
-import mindspore as ms
+from frontend import add_common, setup
 
+from mindone_story.errors import StoryError, main_guard
 from mindone_story.pipelines.schedulers import SCHEDULERS
-from mindone_story.pipelines.sdxl import SDXLPipeline
-from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny", help="'tiny' (built in), a diffusers folder or a single .safetensors")
+    p.add_argument(
+        "--model", "--model_path", dest="model", default="tiny", help="'tiny', a diffusers folder or a .safetensors"
+    )
     p.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--height", type=int, default=None, help="default: 1024, or 128 for the tiny model")
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="default: 50, or 4 for the tiny model")
-    p.add_argument("--guidance_scale", type=float, default=5.0)
+    add_common(p, "default 50 (4 for the tiny model)", "default 1024 (128 for the tiny model)")
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend"], help="default: MindSpore's default device")
     p.add_argument("--output_dir", default="outputs/txt2img")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.device:
-        from mindone_story.layers import set_device
+def run(args: argparse.Namespace) -> int:
+    from mindone_story import checks
 
-        set_device(args.device)
-    ms.runtime.launch_blocking()
     tiny = args.model == "tiny"
-    height = args.height or (128 if tiny else 1024)
-    width = args.width or (128 if tiny else 1024)
-    steps = args.steps or (4 if tiny else 50)
+    height, width = checks.image_size(
+        (128 if tiny else 1024) if args.height is None else args.height,
+        (128 if tiny else 1024) if args.width is None else args.width,
+    )
+    steps = checks.whole("steps", (4 if tiny else 50) if args.steps is None else args.steps, 1, 1000)
+    guidance = checks.number("guidance_scale", 5.0 if args.guidance_scale is None else args.guidance_scale, 0.0)
+    seed = checks.seed(0 if args.seed is None else args.seed)
     prompts = args.prompt or ["a man with a black suit"]
-    models = load_sdxl(tiny_model_dir() if tiny else args.model)
+    if not tiny and not Path(args.model).exists():
+        raise StoryError(f"model {args.model} does not exist")
+    from mindone_story.runs import files
+
+    out = Path(args.output_dir)
+    files.check_writable(out)
+    dtype = setup(args.device, args.dtype)
+
+    from mindone_story.pipelines.sdxl import SDXLPipeline
+    from mindone_story.pretrained import load_sdxl, tiny_model_dir
+
+    models = load_sdxl(tiny_model_dir() if tiny else args.model, dtype)
     pipe = SDXLPipeline(models, mode=args.mode)
     start = time.time()
     negatives = [args.negative_prompt] * len(prompts) if args.negative_prompt is not None else None
-    images = pipe(prompts, negatives, height, width, steps, args.guidance_scale, args.seed, args.scheduler)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    images = pipe(prompts, negatives, height, width, steps, guidance, seed, args.scheduler)
     for i, image in enumerate(images):
-        tmp = out / f".image_{i:02d}.png.tmp"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, out / f"image_{i:02d}.png")
+        files.save_png(image, out / f"image_{i:02d}.png")
     record = {
         "prompts": prompts,
         "negative_prompt": args.negative_prompt,
         "height": height,
         "width": width,
         "steps": steps,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": guidance,
         "scheduler": args.scheduler,
-        "seed": args.seed,
+        "seed": seed,
         "model": str(args.model),
         "model_fingerprint": models.fingerprint,
         "seconds": round(time.time() - start, 2),
     }
-    (out / "txt2img.json").write_text(json.dumps(record, indent=2))
+    files.write_json(record, out / "txt2img.json")
     print(f"wrote {len(images)} image(s) to {out}")
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return main_guard(lambda: run(args))
 
 
 if __name__ == "__main__":

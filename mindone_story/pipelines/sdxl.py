@@ -15,10 +15,11 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor
 from PIL import Image
-from tqdm.auto import tqdm
 
 from ..pretrained import SDXLModels
 from .schedulers import make_scheduler
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
 
 
 class StoryControl(Protocol):
@@ -111,15 +112,16 @@ class SDXLPipeline:
         scheduler: str = "ddim",
         story: StoryControl | None = None,
         seed: int = 0,
-        progress: bool = True,
+        on_step: StepCallback | None = None,
     ) -> Tensor:
-        """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents."""
+        """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents. ``on_step(done, total)`` is
+        called after each step (front ends draw their progress from it)."""
         sched = make_scheduler(scheduler, self.models.scheduler_config, steps)
         batch, _, h, w = noise.shape
         time_ids = self.time_ids(batch, h * self.vae_scale, w * self.vae_scale)
         latents = Tensor(noise) * float(sched.init_noise_sigma)
         generator = np.random.default_rng(seed + 1)  # ancestral samplers' noise, host-side
-        for i, t in enumerate(tqdm(sched.timesteps, desc="steps", leave=False, disable=not progress)):
+        for i, t in enumerate(sched.timesteps):
             model_in = sched.scale_model_input(ms.ops.concat((latents, latents)), t).astype(self.dtype)
             timestep = Tensor(np.array([float(t)], np.float32))
             extra = story.inputs(i) if story is not None else None
@@ -129,6 +131,8 @@ class SDXLPipeline:
             uncond, cond = ms.ops.split(pred.astype(ms.float32), batch, axis=0)
             guided = uncond + guidance_scale * (cond - uncond)
             latents = sched.step(guided, t, latents, **self._step_kwargs(sched, generator))[0]
+            if on_step is not None:
+                on_step(i + 1, len(sched.timesteps))
         return latents
 
     @staticmethod

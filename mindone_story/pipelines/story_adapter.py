@@ -132,7 +132,6 @@ class StoryAdapterPipeline:
             "ddim",
             story=reference,
             seed=settings.seed,
-            progress=False,
         )
 
     def panel(

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
-from tqdm.auto import tqdm
 
 from .. import checks
 from ..errors import StoryError
@@ -23,7 +22,7 @@ from ..story.consistent import install
 from ..story.id_bank import Draws, IdBank, Phase
 from ..story.prompts import STYLE_NAMES, Story, apply_style
 from .schedulers import SCHEDULERS
-from .sdxl import SDXLPipeline
+from .sdxl import SDXLPipeline, StepCallback
 
 # The negative prompt of mindone's StoryDiffusion run.py; the style's negative is prepended to it.
 DEFAULT_NEGATIVE = (
@@ -106,7 +105,7 @@ class StoryDiffusionPipeline:
         write_as: str | None,
         reads: list[list[str]],
         phase_seed: int,
-        progress,
+        on_step,
         **phase_args,
     ) -> list[Image.Image]:
         tokens = self.level_tokens(settings.height, settings.width)
@@ -132,7 +131,7 @@ class StoryDiffusionPipeline:
             settings.scheduler,
             story=phase,
             seed=settings.seed + phase_seed,
-            progress=progress,
+            on_step=on_step,
         )
         return self.sdxl.decode(latents)
 
@@ -150,7 +149,7 @@ class StoryDiffusionPipeline:
         story: Story,
         settings: StorySettings,
         on_panel: PanelCallback | None = None,
-        progress: bool = True,
+        on_step: StepCallback | None = None,
         skip: Sequence[int] = (),
     ) -> dict[int, Image.Image]:
         """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
@@ -168,9 +167,7 @@ class StoryDiffusionPipeline:
                 images[i] = image
                 if on_panel is not None:
                     on_panel(i, image)
-                bar.update(1)
 
-        bar = tqdm(total=len(story.panels), desc="panels", disable=not progress)
         phase_seed = 0
         for name, ids in story.id_panels.items():
             window = settings.window or len(ids)
@@ -181,7 +178,7 @@ class StoryDiffusionPipeline:
                 tile = list(ids[start : start + window])
                 reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
                 batch = self._run(
-                    story, settings, tile, name, reads, phase_seed, progress, recent=window, bank_images=room
+                    story, settings, tile, name, reads, phase_seed, on_step, recent=window, bank_images=room
                 )
                 done(tile, batch)
                 phase_seed += 1
@@ -192,10 +189,7 @@ class StoryDiffusionPipeline:
             batch_ids = others[start : start + settings.read_batch]
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
-                batch = self._run(story, settings, batch_ids, None, reads, phase_seed, progress, bank_images=most)
+                batch = self._run(story, settings, batch_ids, None, reads, phase_seed, on_step, bank_images=most)
                 done(batch_ids, batch)
-            else:
-                bar.update(len(batch_ids))
             phase_seed += 1
-        bar.close()
         return images

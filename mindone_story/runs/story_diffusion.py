@@ -19,6 +19,7 @@ from PIL import Image
 
 from .. import checks
 from ..errors import RecordError
+from ..pipelines.sdxl import StepCallback
 from ..story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
 from ..story.prompts import Story
 from .files import prepare, read_png, save_png
@@ -88,12 +89,13 @@ def run_story(
     resume: bool = False,
     overwrite: bool = False,
     progress: Progress | None = None,
-    show_progress: bool = True,
+    on_step: StepCallback | None = None,
 ) -> StoryRun:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
-    beside the settings; ``progress(done, total, what)`` is called after every panel."""
+    beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
+    after every sampler step of a batch."""
     folder = Path(folder)
     pipe.check(story, settings)  # memory, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
@@ -127,7 +129,7 @@ def run_story(
         if progress:
             progress(len(images), total, f"panel {index + 1}")
 
-    pipe(story, settings, on_panel=on_panel, progress=show_progress, skip=sorted(images))
+    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images))
     ordered = [images[i] for i in range(total)]
     pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
     names = [f"page_{k:02d}.png" for k in range(len(pages))]
