@@ -43,10 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--height", type=int, default=None, help="default 768 (128 for the tiny model)")
     p.add_argument("--width", type=int, default=None, help="default 768 (128 for the tiny model)")
-    p.add_argument("--sd_model_name", default="RealVision", help=f"one of {sorted(MODELS)}")
-    p.add_argument("--model_path", default=None, help="a diffusers folder or a single file (overrides sd_model_name)")
+    p.add_argument("--sd_model_name", default="RealVision", help=f"one of {sorted(MODELS)}, or a hub id owner/name")
+    p.add_argument(
+        "--model_path", default=None, help="a diffusers folder, a single file or a hub reference (overrides the name)"
+    )
     p.add_argument("--style_name", default="Comic book", help=f"one of {STYLE_NAMES}")
-    p.add_argument("--cache_dir", default="./cache_dir", help="where --sd_model_name folders are looked up")
+    p.add_argument("--cache_dir", default="./cache_dir", help="where hub downloads are kept (Hugging Face layout)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of the model (default main)")
     p.add_argument("--output_dir", default="outputs")
     p.add_argument(
         "--general_prompt",
@@ -76,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
     p.add_argument("--device", default=None, choices=["CPU", "Ascend"])
-    p.add_argument("--local_files_only", action="store_true", help="accepted for compatibility: nothing is downloaded")
+    p.add_argument("--local_files_only", action="store_true", help="no network: use the files in --cache_dir only")
     return p.parse_args(argv)
 
 
@@ -106,7 +109,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import mindspore as ms
 
-    from mindone_story.layers import set_device
+    from mindone_story.layers import default_dtype, set_device
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
     if args.device:
@@ -138,7 +141,10 @@ def main(argv=None) -> int:
             args.read_batch,
         )
         settings.check()
-        model = resolve_model(args.sd_model_name, args.model_path, args.cache_dir)
+        fp16 = (dtype_of(args.dtype) or default_dtype()) == ms.float16  # fetch the fp16 weights for an fp16 run
+        model = resolve_model(
+            args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
+        )
         if args.height % 32 or args.width % 32:
             raise ValueError(f"height and width must be multiples of 32, got {args.height}x{args.width}")
     except (ValueError, FileNotFoundError) as err:
