@@ -220,6 +220,8 @@ def _download(ref: HubReference, cache_dir: Path, fp16: bool, progress: Callable
         folder = snapshot_download(
             ref.repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=escaped, endpoint=url
         )
+    except HubError:
+        raise
     except E.GatedRepoError:
         raise HubError(
             f"{what} is gated: accept its conditions at {url}/{ref.repo_id} and set HF_TOKEN to a token of that account"

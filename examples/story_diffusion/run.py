@@ -141,12 +141,12 @@ def main(argv=None) -> int:
             args.read_batch,
         )
         settings.check()
+        if args.height % 32 or args.width % 32:
+            raise ValueError(f"height and width must be multiples of 32, got {args.height}x{args.width}")
         fp16 = (dtype_of(args.dtype) or default_dtype()) == ms.float16  # fetch the fp16 weights for an fp16 run
         model = resolve_model(
             args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
         )
-        if args.height % 32 or args.width % 32:
-            raise ValueError(f"height and width must be multiples of 32, got {args.height}x{args.width}")
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 
