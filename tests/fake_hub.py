@@ -8,7 +8,7 @@
   and 401 ``GatedRepo`` for a gated repository without the right ``Authorization: Bearer`` token.
 
 Every request is logged as (method, path, Range header). ``cut[path] = n`` makes the next GET of that file send its
-headers and n bytes, then drop the connection.
+headers and n bytes, then drop the connection; ``slow[path] = s`` sends that file's body over about s seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -61,6 +62,7 @@ class FakeHub:
         self.sha = {r: hashlib.sha1(r.encode()).hexdigest() for r in repos}
         self.log: list[tuple[str, str, str | None]] = []
         self.cut: dict[str, int] = {}
+        self.slow: dict[str, float] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -161,7 +163,11 @@ class FakeHub:
                 with hub._lock:
                     cut = hub.cut.pop(f"{repo}/{name}", None)
                 if cut is None:
-                    self.wfile.write(data[start:])
+                    pieces = 20 if f"{repo}/{name}" in hub.slow else 1
+                    step = -(-(len(data) - start) // pieces)
+                    for i in range(start, len(data), step):
+                        self.wfile.write(data[i : i + step])
+                        time.sleep(hub.slow.get(f"{repo}/{name}", 0) / pieces)
                     return
                 self.wfile.write(data[start : start + cut])  # then drop the connection mid-file
                 self.wfile.flush()

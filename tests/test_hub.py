@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from mindone_story.hub import HubError, HubReference, parse_reference, resolve, 
 from mindone_story.pretrained import load_ip_adapter_models, tiny_model_dir
 from mindone_story.weights import read_sdxl
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "story_diffusion"))
 import run as story_cli  # noqa: E402
 import run_story_adapter  # noqa: E402
@@ -100,6 +102,25 @@ def test_story_adapter_cli_takes_hub_references(fake, repos, tmp_path, capsys):
     record = json.loads((tmp_path / "out" / "story.json").read_text())
     assert record["models"]["ip_ckpt"] == f"{ADAPTER}/sdxl_models/ip-adapter_sdxl.safetensors"  # resumable by ref
     assert len(list((tmp_path / "out" / "round_01").glob("panel_*.png"))) == 2
+
+
+def test_demo_downloads_the_chosen_model_with_progress_in_the_page(fake, repos, tmp_path):
+    from app_server import serve_app
+    from gradio_client import Client
+
+    fake.slow[f"{REALVIS}/unet/diffusion_pytorch_model.safetensors"] = 3.0  # long enough to see the bar
+    with serve_app(tmp_path, "--cache_dir", str(tmp_path / "cache"), "--mode", "pynative") as url:
+        client = Client(url, verbose=False, download_files=str(tmp_path / "downloads"))
+        form = {"model_name": "RealVision", "model_path": "", "characters": "[Bob] a man", "style": "Comic book"}
+        form |= {"story_text": "[Bob] wakes up\n[Bob] runs\n", "id_length": 1, "sa32": 0.5, "sa64": 0.5, "steps": 1}
+        form |= {"guidance": 5.0, "height": 64, "width": 64, "seed": 1, "typesetting": "Four Pannel", "font_size": 8}
+        job, seen = client.submit(**form, api_name="/story_diffusion"), set()
+        while not job.done():
+            seen |= {u.desc for u in job.status().progress_data or [] if u.desc}
+            time.sleep(0.05)
+        gallery = job.result()[0]
+    assert len(gallery) == 2 and fake.files_requested() == pipeline_files(repos)
+    assert any(d.startswith("Fetching") for d in seen), seen  # huggingface_hub's bar ("Fetching 18 files") in the page
 
 
 def test_fp16_run_fetches_the_fp16_variant_and_the_loader_reads_it(fake, repos, tmp_path):
