@@ -5,6 +5,7 @@ every other request goes to a closed proxy port."""
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from fake_hub import FakeHub, tiny_repositories
+from huggingface_hub import file_download
 
 from mindone_story import hub
 from mindone_story.hub import HubError, HubReference, parse_reference, resolve, select_files
@@ -36,22 +38,27 @@ def repos(tmp_path_factory):
 @pytest.fixture
 def fake(repos, monkeypatch):
     """The fake hub as HF_ENDPOINT, downloads on (conftest turns them off for every other test), proxies closed."""
-    from huggingface_hub import constants
     from huggingface_hub.utils import reset_sessions
 
     with FakeHub(repos, gated={"gated/tiny": "secret"}) as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-        for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
-            monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # the discard port: nothing listens
-        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-        monkeypatch.setenv("no_proxy", "127.0.0.1")
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        fake_env(monkeypatch, server)
         reset_sessions()
         yield server
     reset_sessions()
+
+
+def fake_env(monkeypatch, server: FakeHub) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for proxy in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
 def pipeline_files(repos, fp16: bool = False) -> set[str]:
@@ -188,6 +195,15 @@ def test_no_network_offline_and_full_disk(fake, tmp_path, monkeypatch):
     assert fake.log == []
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(hub, "_free_bytes", lambda folder: 1000)
+    with pytest.raises(HubError, match=f"{REALVIS}: no space left in {tmp_path} .* free some space"):
+        resolve(REALVIS, tmp_path)
+    monkeypatch.undo()  # the real free space, and the fixture's environment back
+    fake_env(monkeypatch, fake)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_download, "http_get", disk_full)  # the disk fills up while writing
     with pytest.raises(HubError, match=f"{REALVIS}: no space left in {tmp_path} .* free some space"):
         resolve(REALVIS, tmp_path)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
