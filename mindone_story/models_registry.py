@@ -1,11 +1,15 @@
-"""``--sd_model_name`` -> where the weights are. Nothing is downloaded: a named model is looked up under the cache
-directory, in a folder named like its public repository (``SG161222/RealVisXL_V4.0``, ``RealVisXL_V4.0``) or in the
-Hugging Face cache layout (``models--SG161222--RealVisXL_V4.0/snapshots/<revision>``)."""
+"""``sd_model_name`` -> the checkpoint to load: a named model's hub repository, any ``owner/name`` hub reference, or
+the built-in tiny model. A plain copy of the repository under the cache directory (``SG161222/RealVisXL_V4.0`` or
+``RealVisXL_V4.0``) is used as it is; otherwise the files come from the Hugging Face cache layout under it, and are
+downloaded there when missing (see ``hub.py``)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from . import hub
 
 MODELS = {
     "Juggernaut": "RunDiffusion/Juggernaut-XL-v8",
@@ -14,37 +18,29 @@ MODELS = {
     "Unstable": "stablediffusionapi/sdxl-unstable-diffusers-y",
     "tiny": "built-in",
 }
-_REQUIRED = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
-def candidates(repo: str, cache_dir: Path) -> list[Path]:
-    owner, name = repo.split("/")
-    found = [cache_dir / owner / name, cache_dir / name]
-    snapshots = cache_dir / f"models--{owner}--{name}" / "snapshots"
-    if snapshots.is_dir():
-        found += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    return found
-
-
-def resolve_model(sd_model_name: str | None, model_path: str | None, cache_dir: str | os.PathLike) -> Path | str:
-    """The checkpoint to load: ``model_path`` if given, else the named model's folder, or "tiny"."""
+def resolve_model(
+    sd_model_name: str | None,
+    model_path: str | None,
+    cache_dir: str | os.PathLike,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    fp16: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path | str:
+    """The checkpoint to load: ``model_path`` if given (a local path or a hub reference), else the named model
+    (a name of ``MODELS`` or an ``owner/name`` reference), downloaded if needed; or "tiny"."""
+    options = dict(revision=revision, local_files_only=local_files_only, fp16=fp16, progress=progress)
     if model_path:
-        path = Path(model_path)
-        if not path.exists():
-            raise FileNotFoundError(f"--model_path {path} does not exist")
-        return path
-    if sd_model_name not in MODELS:
-        raise ValueError(f"unknown model {sd_model_name!r}; choose one of {sorted(MODELS)} or pass --model_path")
+        return hub.resolve(model_path, cache_dir, **options)
     if sd_model_name == "tiny":
         return "tiny"
-    repo, cache_dir = MODELS[sd_model_name], Path(cache_dir)
-    for folder in candidates(repo, cache_dir):
-        if all((folder / part).is_dir() for part in _REQUIRED):
+    repo = MODELS.get(sd_model_name or "") or (sd_model_name if hub.parse_reference(sd_model_name or "") else None)
+    if repo is None:
+        raise ValueError(f"unknown model {sd_model_name!r}: choose one of {sorted(MODELS)} or a hub id owner/name")
+    cache_dir = Path(cache_dir)
+    for folder in (cache_dir / repo, cache_dir / repo.split("/")[1]):  # a plain copy (git clone, --local-dir)
+        if folder.is_dir() and not revision and not hub.missing_files(folder):
             return folder
-    tried = "\n  ".join(str(p) for p in candidates(repo, cache_dir))
-    raise FileNotFoundError(
-        f"model {sd_model_name!r} ({repo}) was not found under --cache_dir {cache_dir}; nothing is downloaded at run "
-        f"time. Put the diffusers folder of {repo} (with {', '.join(_REQUIRED)} and scheduler/) at one of:\n  {tried}\n"
-        f"for example with `huggingface-cli download {repo} --local-dir {cache_dir / repo}` on a machine with "
-        "network access, or pass --model_path to a diffusers folder or a single .safetensors file."
-    )
+    return hub.resolve(repo, cache_dir, **options)

@@ -15,6 +15,7 @@ TINY_SDXL = FIXTURES / "tiny_sdxl"
 ms.set_context(device_target="CPU")
 ms.runtime.launch_blocking()
 os.environ.setdefault("MINDONE_STORY_CACHE", str(Path(__file__).parent.parent / ".cache" / "test"))
+os.environ["HF_HUB_OFFLINE"] = "1"  # no test reaches the real hub; tests/test_hub.py serves its own on 127.0.0.1
 
 
 def rel_err(ours, ref) -> float:

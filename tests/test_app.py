@@ -167,7 +167,7 @@ def test_story_adapter_run(client, tmp_path):
         ("/story_diffusion", {"story_text": "  \n"}, "the story is empty"),
         ("/story_diffusion", {"id_length": 3}, "character [Bob] needs 3 id panels"),
         ("/story_diffusion", {"model_name": "Nope"}, "Nope is not in the list of choices"),  # Gradio's check
-        ("/story_diffusion", {"model_name": "SDXL"}, "was not found under --cache_dir"),
+        ("/story_diffusion", {"model_name": "SDXL"}, "not (completely) in the cache"),
         ("/story_adapter", {"story_text": ""}, "the story is empty"),
         ("/story_adapter", {"rounds": -1}, "rounds must be at least 0, got -1"),
         ("/story_adapter", {"style": "comic", "steps": 0}, "steps must be at least 1, got 0"),

@@ -106,7 +106,10 @@ def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path):
         (["--style_name", "Watercolour"], "unknown style 'Watercolour'"),
         (["--sd_model_name", "SDXL-Turbo"], "unknown model 'SDXL-Turbo'"),
         (["--height", "100"], "height must be a multiple of 32, got 100"),
-        (["--sd_model_name", "RealVision", "--cache_dir", "/nonexistent"], "was not found under --cache_dir"),
+        (
+            ["--sd_model_name", "RealVision", "--cache_dir", "/nonexistent"],
+            "not (completely) in the cache /nonexistent",
+        ),
     ],
 )
 def test_bad_input_is_a_clear_error(tmp_path, capsys, extra, message):

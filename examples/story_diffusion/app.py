@@ -52,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--share", action="store_true", help="also serve through a public Gradio link")
     p.add_argument("--sd_model_name", default="RealVision", help=f"the model chosen at start: {logic.MODEL_NAMES}")
     p.add_argument("--model_path", default=None, help="a diffusers folder or a single file (overrides the name)")
-    p.add_argument("--cache_dir", default="./cache_dir", help="where named models are looked up")
+    p.add_argument("--cache_dir", default="./cache_dir", help="where hub downloads are kept (Hugging Face layout)")
     p.add_argument("--image_encoder_path", default=None, help="Story-Adapter: IP-Adapter's CLIP image encoder")
     p.add_argument("--ip_ckpt", default=None, help="Story-Adapter: ip-adapter_sdxl.bin / .safetensors")
     p.add_argument("--output_dir", default="outputs/app", help="one folder (and zip) per request under it")
@@ -113,7 +113,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         seed,
         typesetting,
         font_size,
-        progress=gr.Progress(),  # noqa: B008 - how Gradio passes its progress tracker
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings, id_length, layout = logic.story_diffusion_settings(
             style, id_length, sa32, sa64, steps, guidance, height, width, seed, typesetting, font_size
@@ -153,10 +153,11 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         width,
         seed,
         guidance,
-        progress=gr.Progress(),  # noqa: B008 - how Gradio passes its progress tracker
+        progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings = logic.story_adapter_settings(story_text, style, rounds, steps, height, width, seed, guidance)
-        files = logic.adapter_files(logic.choose_model(model_name, model_path, args.cache_dir), image_encoder, ip_ckpt)
+        model = logic.choose_model(model_name, model_path, args.cache_dir)
+        files = logic.adapter_files(model, image_encoder, ip_ckpt, args.cache_dir)
         pipe, loaded = load(progress, logic.story_adapter_pipeline, files)
         out = logic.new_output_dir(args.output_dir, "story_adapter")
         start = time.time()

@@ -170,8 +170,13 @@ def story_adapter_settings(
     )
 
 
-def adapter_files(model: str, image_encoder: str | None, ip_ckpt: str | None) -> dict[str, str]:
-    """The three paths Story-Adapter loads; the tiny model brings its own image encoder and IP-Adapter."""
+def adapter_files(
+    model: str, image_encoder: str | None, ip_ckpt: str | None, cache_dir: str | os.PathLike = "./cache_dir"
+) -> dict[str, str]:
+    """The three paths Story-Adapter loads (hub references downloaded); the tiny model brings its own image encoder
+    and IP-Adapter."""
+    from mindone_story.hub import HubError, resolve
+
     image_encoder, ip_ckpt = (image_encoder or "").strip(), (ip_ckpt or "").strip()
     if model == "tiny":
         from mindone_story.pretrained import TINY_IP_ADAPTER, tiny_model_dir
@@ -182,9 +187,10 @@ def adapter_files(model: str, image_encoder: str | None, ip_ckpt: str | None) ->
     missing = [label for label, value in (("image encoder", image_encoder), ("IP-Adapter file", ip_ckpt)) if not value]
     if missing:
         raise StoryError(f"Story-Adapter on {model} needs the path of its {' and '.join(missing)}")
-    for label, value in (("image encoder", image_encoder), ("IP-Adapter file", ip_ckpt)):
-        if not Path(value).exists():
-            raise StoryError(f"{label} not found: {value}")
+    try:
+        image_encoder, ip_ckpt = (str(resolve(v, cache_dir)) for v in (image_encoder, ip_ckpt))
+    except HubError as e:
+        raise StoryError(f"Story-Adapter: {e}") from None
     return {"base_model_path": model, "image_encoder_path": image_encoder, "ip_ckpt": ip_ckpt}
 
 

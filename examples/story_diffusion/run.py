@@ -36,11 +36,18 @@ DEFAULTS = {"height": 768, "width": 768, "steps": 50, "seed": 3407, "guidance_sc
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--sd_model_name", "--model", dest="sd_model_name", default="RealVision", help=f"one of {sorted(MODELS)}"
+        "--sd_model_name",
+        "--model",
+        dest="sd_model_name",
+        default="RealVision",
+        help=f"one of {sorted(MODELS)}, or a hub id owner/name",
     )
-    p.add_argument("--model_path", default=None, help="a diffusers folder or a single file (overrides sd_model_name)")
-    p.add_argument("--cache_dir", default="./cache_dir", help="where --sd_model_name folders are looked up")
-    p.add_argument("--local_files_only", action="store_true", help="accepted for compatibility: nothing is downloaded")
+    p.add_argument(
+        "--model_path", default=None, help="a diffusers folder, a single file or a hub reference (overrides the name)"
+    )
+    p.add_argument("--cache_dir", default="./cache_dir", help="where hub downloads are kept (Hugging Face layout)")
+    p.add_argument("--revision", default=None, help="hub branch, tag or commit of the model (default main)")
+    p.add_argument("--local_files_only", action="store_true", help="no network: use the files in --cache_dir only")
     p.add_argument("--style_name", "--style", dest="style_name", default="Comic book", help=f"one of {STYLE_NAMES}")
     p.add_argument(
         "--general_prompt",
@@ -68,9 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    # everything is checked before a model is loaded or a file is written
-    model = resolve_model(args.sd_model_name, args.model_path, args.cache_dir)
-    defaults = {**DEFAULTS, **(TINY if model == "tiny" else {})}
+    # everything is checked before a model is downloaded or loaded, or a file is written
+    tiny = args.sd_model_name == "tiny" and not args.model_path
+    defaults = {**DEFAULTS, **(TINY if tiny else {})}
     values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
     settings = StorySettings(
         **values,
@@ -88,7 +95,15 @@ def run(args: argparse.Namespace) -> int:
     files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
     dtype = setup(args.device, args.dtype)
 
+    import mindspore as ms
     from tqdm.auto import tqdm
+
+    from mindone_story.layers import default_dtype
+
+    fp16 = (dtype or default_dtype()) == ms.float16  # fetch the fp16 weights for an fp16 run
+    model = resolve_model(
+        args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
+    )
 
     from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir

@@ -47,10 +47,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--model",
         dest="base_model_path",
         default=None,
-        help="an SDXL diffusers folder or single file; 'tiny' (the default without weight paths)",
+        help="an SDXL diffusers folder or single file, a hub id owner/name[@revision]; 'tiny' (the default)",
     )
-    p.add_argument("--image_encoder_path", default=None, help="IP-Adapter's CLIP image encoder folder or file")
-    p.add_argument("--ip_ckpt", default=None, help="ip-adapter_sdxl.bin / .safetensors (or ip-adapter-plus)")
+    p.add_argument(
+        "--image_encoder_path", default=None, help="IP-Adapter's CLIP image encoder: a folder, file or hub reference"
+    )
+    p.add_argument(
+        "--ip_ckpt", default=None, help="ip-adapter_sdxl.bin / .safetensors (or -plus): a file or hub reference"
+    )
+    p.add_argument("--cache_dir", default="./cache_dir", help="where hub downloads are kept (Hugging Face layout)")
+    p.add_argument("--local_files_only", action="store_true", help="no network: use the files in --cache_dir only")
     p.add_argument("--story", nargs="+", default=None, help="panel prompts, or one file with a prompt per line")
     p.add_argument("--style", default=None, choices=["comic", "film", "realistic"], help="default comic")
     p.add_argument("--rounds", type=int, default=None, help="refinement rounds after round 0 (default 10)")
@@ -112,8 +118,10 @@ def resolve(args: argparse.Namespace):
     missing = [f"--{k}" for k, v in paths.items() if v is None]
     if missing:
         raise StoryError(f"{', '.join(missing)} required with a base model other than 'tiny'")
-    for flag, path in paths.items():
-        if path != "tiny" and not Path(path).exists():
+    from mindone_story.hub import parse_reference
+
+    for flag, path in paths.items():  # a local path must exist; a hub reference is fetched after these checks
+        if path != "tiny" and parse_reference(path) is None and not Path(path).exists():
             raise StoryError(f"--{flag}: {path} does not exist")
     return settings, paths
 
@@ -122,17 +130,28 @@ def run(args: argparse.Namespace) -> int:
     settings, paths = resolve(args)  # bad input fails here, before any model is loaded
     dtype = setup(args.device, args.dtype)
 
+    import mindspore as ms
     from tqdm.auto import tqdm
 
+    from mindone_story.hub import HubError
+    from mindone_story.hub import resolve as fetch
+    from mindone_story.layers import default_dtype
     from mindone_story.pipelines.story_adapter import StoryAdapterPipeline
     from mindone_story.pretrained import load_ip_adapter_models, load_sdxl, tiny_model_dir
     from mindone_story.runs.story_adapter import generate_story
     from mindone_story.weights import read_sdxl
 
     out = Path(args.output_dir)
-    base = tiny_model_dir() if paths["base_model_path"] == "tiny" else Path(paths["base_model_path"])
+    fp16 = (dtype or default_dtype()) == ms.float16  # fetch the fp16 weights where the run is fp16
+    files = {}  # local paths as they are, hub references from the cache or downloaded
+    for k, v in paths.items():
+        try:
+            files[k] = v if v == "tiny" else fetch(v, args.cache_dir, None, args.local_files_only, fp16, print)
+        except HubError as e:
+            raise StoryError(f"--{k}: {e}") from None
+    base = tiny_model_dir() if paths["base_model_path"] == "tiny" else files["base_model_path"]
     # the adapter and its encoder are checked against each other and the UNet before the big weights load
-    ip = load_ip_adapter_models(paths["ip_ckpt"], paths["image_encoder_path"], read_sdxl(base).configs["unet"], dtype)
+    ip = load_ip_adapter_models(files["ip_ckpt"], files["image_encoder_path"], read_sdxl(base).configs["unet"], dtype)
     models = load_sdxl(base, dtype)
     pipe = StoryAdapterPipeline(models, ip, mode=args.mode)
     print(f"seed {settings.seed}, {len(settings.prompts)} panels, {settings.rounds} rounds -> {out}", flush=True)

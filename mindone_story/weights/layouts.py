@@ -66,11 +66,12 @@ _WEIGHT_NAMES = {
 
 
 def open_weights(path: str | os.PathLike) -> SafetensorsFile | ShardedSafetensors | TorchBinFile:
-    """One weight file, by its content: a zip is a torch checkpoint, ``*.index.json`` a shard index, else safetensors."""
+    """One weight file, by its content: a zip is a torch checkpoint, ``*.index[.variant].json`` a shard index, else
+    safetensors."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: file not found")
-    if path.name.endswith(".index.json"):
+    if re.search(r"\.index(\.\w+)?\.json$", path.name):  # model.safetensors.index.json, ….index.fp16.json
         return ShardedSafetensors(path)
     with open(path, "rb") as f:
         magic = f.read(2)
@@ -160,15 +161,21 @@ def map_single_file(source: L.LazySource, configs: dict[str, dict[str, Any]], pa
 # ---- diffusers folders ------------------------------------------------------------------------------------------
 
 
-def find_weights(folder: Path, kind: str, variant: str | None = None) -> Path:
-    """The weight file of one diffusers / transformers component folder, preferring full precision safetensors."""
+def weight_names(kind: str, variants: tuple[str | None, ...] = (None, "fp16")) -> list[str]:
+    """The weight file names of one diffusers / transformers component folder, in order of preference: per variant
+    one safetensors file or a shard index, in the spelling both libraries write (``model.fp16.safetensors``,
+    ``model.safetensors.index.fp16.json``), then torch ``.bin`` when full precision is among the variants."""
     stem, bin_name = _WEIGHT_NAMES[kind]
-    variants = [variant] if variant else [None, "fp16"]
     names = []
     for v in variants:
-        name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
-        names += [name, f"{name}.index.json"]
-    names += [bin_name, f"{bin_name}.index.json"] if not variant else []
+        names += [f"{stem}.{v}.safetensors", f"{stem}.safetensors.index.{v}.json"] if v else [f"{stem}.safetensors"]
+        names += [] if v else [f"{stem}.safetensors.index.json"]
+    return names + ([bin_name, f"{bin_name}.index.json"] if None in variants else [])
+
+
+def find_weights(folder: Path, kind: str, variant: str | None = None) -> Path:
+    """The weight file of one diffusers / transformers component folder, preferring full precision safetensors."""
+    names = weight_names(kind, (variant,) if variant else (None, "fp16"))
     for name in names:
         if (folder / name).is_file():
             return folder / name

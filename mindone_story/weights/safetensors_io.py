@@ -321,7 +321,8 @@ def save_sharded(
     metadata: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Write one file ``weights_name`` if everything fits in ``max_shard_bytes``; otherwise shards named like
-    diffusers' (``diffusion_pytorch_model-00001-of-00002.safetensors``) plus ``<weights_name>.index.json``.
+    diffusers' (``diffusion_pytorch_model[.fp16]-00001-of-00002.safetensors``) plus the index under the name both
+    libraries read (``diffusion_pytorch_model.safetensors.index[.fp16].json``).
     A tensor larger than the limit gets a shard of its own. Returns the written paths."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,8 @@ def save_sharded(
         shards[-1][k] = t
         size += t.nbytes
     stem, ext = weights_name.rsplit(".safetensors", 1)[0], ".safetensors"
-    index = directory / f"{weights_name}.index.json"
+    base, _, variant = stem.rpartition(".") if "." in stem else (stem, "", "")
+    index = directory / f"{base}.safetensors.index{'.' + variant if variant else ''}.json"
     if len(shards) == 1:
         save_safetensors(shards[0], directory / weights_name, metadata)
         index.unlink(missing_ok=True)  # a stale index from an earlier sharded run would shadow the single file
