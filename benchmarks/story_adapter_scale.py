@@ -47,12 +47,12 @@ def story(n: int, steps: int, size: int):
     import numpy as np
     from PIL import Image
 
-    from mindone_story.pipelines.story_adapter import StorySettings
+    from mindone_story.pipelines.story_adapter import StoryAdapterSettings
 
     rng = np.random.default_rng(0)
     refs = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
     prompts = tuple(f"panel {i}, a fox in a forest" for i in range(n))
-    return refs, StorySettings(prompts, rounds=1, steps=steps, height=size, width=size)
+    return refs, StoryAdapterSettings(prompts, rounds=1, steps=steps, height=size, width=size)
 
 
 def worker(n: int, mode: str, steps: int, size: int) -> dict:

@@ -144,7 +144,7 @@ def child_main(args) -> dict:
 
     set_device("CPU")
     ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
-    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline, StorySettings
+    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline, StoryDiffusionSettings
     from mindone_story.pretrained import load_sdxl
     from mindone_story.story.prompts import parse_story
 
@@ -181,7 +181,7 @@ def child_main(args) -> dict:
 
     pipe._run = labelled
     story = parse_story(CHARACTER, story_text(args.ids, args.reads), args.ids)
-    settings = StorySettings(
+    settings = StoryDiffusionSettings(
         height=args.size, width=args.size, steps=args.steps, seed=3407, window=args.window, read_batch=args.read_batch
     )
     t0 = time.perf_counter()

@@ -85,12 +85,12 @@ def test_cli_by_name_downloads_loads_runs_and_second_run_asks_nothing(fake, repo
     assert (tmp_path / "a" / "panel_001.png").read_bytes() == (tmp_path / "b" / "panel_001.png").read_bytes()
 
 
-def test_cli_local_files_only_with_an_empty_cache_fails_clearly(fake, tmp_path):
+def test_cli_local_files_only_with_an_empty_cache_fails_clearly(fake, tmp_path, capsys):
     argv = ["--sd_model_name", "RealVision", "--cache_dir", str(tmp_path / "empty"), "--local_files_only", *FAST]
-    with pytest.raises(SystemExit) as err:
-        story_cli.main(argv)
-    assert f"{REALVIS}: not (completely) in the cache {tmp_path / 'empty'}" in str(err.value)
-    assert "local files only" in str(err.value) and fake.log == []
+    assert story_cli.main([*argv, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {REALVIS}: not (completely) in the cache {tmp_path / 'empty'}" in err
+    assert "local files only" in err and fake.log == [] and not (tmp_path / "out").exists()
 
 
 def test_story_adapter_cli_takes_hub_references(fake, repos, tmp_path, capsys):

@@ -18,7 +18,7 @@ from mindspore import Tensor
 from PIL import Image
 
 from mindone_story.models.ip_adapter import attn2_modules, install, uninstall
-from mindone_story.pipelines.story_adapter import NEGATIVE_PROMPT, StoryAdapterPipeline, StorySettings, styled
+from mindone_story.pipelines.story_adapter import NEGATIVE_PROMPT, StoryAdapterPipeline, StoryAdapterSettings, styled
 from mindone_story.pretrained import load_component, load_ip_adapter, load_ip_adapter_models, load_sdxl
 from mindone_story.story.grca import GlobalReference, reference_pixels, round_scales
 from mindone_story.weights.layouts import read_sdxl
@@ -122,7 +122,7 @@ def test_decoupled_attention_layer(pipe, sa_io):
 
 def test_round_matches_diffusers(pipe, sa_io, refs):
     """Each panel of a round: the same initial noise, all references' tokens, scale 0.4, DDIM, CFG 5.0."""
-    settings = StorySettings(("unused",), steps=3, height=64, width=64)
+    settings = StoryAdapterSettings(("unused",), steps=3, height=64, width=64)
     reference = pipe.reference(refs, 0.4)
     for p in range(2 if pipe.mode == "graph" else 1):  # PyNative pays per panel, the graph per compile
         latents = pipe.latents(str(sa_io["prompts"][p]), sa_io["round.latents"], settings, reference)
@@ -134,7 +134,7 @@ def test_round_matches_diffusers(pipe, sa_io, refs):
 def test_round_zero_is_text_only(pipe, sa_io):
     if pipe.mode == "graph":
         pytest.skip("text-only UNet graph: covered by test_sdxl_pipeline; one mode keeps the suite short")
-    settings = StorySettings(("unused",), steps=3, height=64, width=64)
+    settings = StoryAdapterSettings(("unused",), steps=3, height=64, width=64)
     latents = pipe.latents(str(sa_io["prompts"][0]), sa_io["round.latents"], settings, None)
     assert rel_err(pipe.sdxl.decode_array(latents), sa_io["round0.panel0.image"]) < TOL
 

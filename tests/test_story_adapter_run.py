@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mindone_story.pretrained import TINY_IP_ADAPTER, tiny_model_dir
 from mindone_story.weights import SafetensorsFile, save_safetensors
@@ -185,3 +186,26 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
 )
 def test_bad_settings(capsys, tmp_path, bad, message):
     assert message in fails(capsys, *bad, "--output_dir", str(tmp_path / "out"))
+
+
+def test_in_memory_call_equals_the_on_disk_run(tmp_path):
+    """StoryAdapterPipeline(settings) returns every round's images without files, equal to the runner's PNGs."""
+    from mindone_story import StoryAdapterPipeline, StoryAdapterSettings, generate_story
+    from mindone_story.pretrained import load_ip_adapter_models, load_sdxl
+
+    root = tiny_model_dir()
+    models = load_sdxl(root)
+    ip = load_ip_adapter_models(root / "ip_adapter" / TINY_IP_ADAPTER, root / "image_encoder", models.unet.config)
+    pipe = StoryAdapterPipeline(models, ip, mode="pynative")
+    settings = StoryAdapterSettings(
+        ("a cat on a roof", "a dog in a park"), seed=3, rounds=1, steps=2, height=64, width=64
+    )
+    seen = []
+    rounds = pipe(settings, on_panel=lambda *a: seen.append(a))
+    assert seen == [(0, 0, 1, 2), (0, 1, 1, 2), (1, 0, 1, 2), (1, 1, 1, 2)]
+    generate_story(pipe, settings, tmp_path / "run")
+    for r, images in enumerate(rounds):
+        for i, image in enumerate(images):
+            on_disk = np.asarray(Image.open(tmp_path / "run" / f"round_{r:02d}" / f"panel_{i:03d}.png"))
+            assert np.array_equal(np.asarray(image), on_disk), (r, i)
+    assert not np.array_equal(np.asarray(rounds[0][0]), np.asarray(rounds[1][0]))  # round 1 saw the references

@@ -137,7 +137,7 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
     tile of every character runs one compiled UNet graph and peak memory does not grow with the id images."""
     from types import SimpleNamespace
 
-    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline, StorySettings
+    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline, StoryDiffusionSettings
     from mindone_story.story.prompts import parse_story
 
     story = parse_story("[Bob] a man", "\n".join(f"[Bob] scene {i}" for i in range(7)), 6)
@@ -148,7 +148,7 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         return [None] * len(indices)
 
     fake = SimpleNamespace(check=lambda story, settings: None, _run=run)
-    StoryDiffusionPipeline.__call__(fake, story, StorySettings(window=2))
+    StoryDiffusionPipeline.__call__(fake, story, StoryDiffusionSettings(window=2))
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
     assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3

@@ -24,7 +24,7 @@ from typing import Any
 from mindone_story import checks
 from mindone_story.errors import StoryError
 from mindone_story.models_registry import MODELS, resolve_model
-from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StorySettings
+from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionSettings
 from mindone_story.runs.story_diffusion import PageLayout, Progress
 from mindone_story.story.prompts import Story, story_from_text
 
@@ -60,9 +60,9 @@ def story_diffusion_settings(
     typesetting: str,
     font_size: Any,
     negative_prompt: str = DEFAULT_NEGATIVE,
-) -> tuple[StorySettings, int, PageLayout]:
+) -> tuple[StoryDiffusionSettings, int, PageLayout]:
     """(settings, id_length, page layout) from the StoryDiffusion tab, checked."""
-    settings = StorySettings(
+    settings = StoryDiffusionSettings(
         height=checks.whole("height", height),
         width=checks.whole("width", width),
         steps=checks.whole("steps", steps),
@@ -153,12 +153,12 @@ def story_adapter_settings(
     story_text: str, style: str, rounds: Any, steps: Any, height: Any, width: Any, seed: Any, guidance: Any
 ):
     """Story-Adapter's settings from its tab: one panel prompt per non-blank line."""
-    from mindone_story.pipelines.story_adapter import StorySettings as AdapterSettings
+    from mindone_story.pipelines.story_adapter import StoryAdapterSettings
 
     prompts = [line.strip() for line in (story_text or "").splitlines() if line.strip()]
     if not prompts:
         raise StoryError("the story is empty: write one panel prompt per line")
-    return AdapterSettings(
+    return StoryAdapterSettings(
         prompts=tuple(prompts),
         style=style,
         seed=checks.whole("seed", seed),

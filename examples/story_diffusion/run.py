@@ -23,7 +23,7 @@ from frontend import add_common, add_output, setup
 from mindone_story.errors import main_guard
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.schedulers import SCHEDULERS
-from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StorySettings
+from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionSettings
 from mindone_story.runs import files
 from mindone_story.runs.story_diffusion import METHOD, PageLayout, kept, run_story
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     tiny = args.sd_model_name == "tiny" and not args.model_path
     defaults = {**DEFAULTS, **(TINY if tiny else {})}
     values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
-    settings = StorySettings(
+    settings = StoryDiffusionSettings(
         **values,
         sa32=args.sa32,
         sa64=args.sa64,

@@ -80,7 +80,7 @@ def read_story(values: list[str] | None) -> list[str]:
 
 def resolve(args: argparse.Namespace):
     """Settings and model paths: from the flags, or on --resume from story.json (flags given must agree)."""
-    from mindone_story.pipelines.story_adapter import StorySettings
+    from mindone_story.pipelines.story_adapter import StoryAdapterSettings
     from mindone_story.pretrained import TINY_IP_ADAPTER, tiny_model_dir
     from mindone_story.runs.story_adapter import progress_of, settings_of
 
@@ -110,7 +110,7 @@ def resolve(args: argparse.Namespace):
         given[k] = v if given[k] is None else given[k]
     if given["seed"] is None:
         given["seed"] = secrets.randbelow(100001)  # the original's random.randint(0, 100000); recorded
-    settings = StorySettings(prompts=tuple(read_story(None) if prompts is None else prompts), **given)
+    settings = StoryAdapterSettings(prompts=tuple(read_story(None) if prompts is None else prompts), **given)
     if tiny:
         root = tiny_model_dir()
         paths["image_encoder_path"] = paths["image_encoder_path"] or str(root / "image_encoder")

@@ -58,7 +58,7 @@ def styled(prompt: str, style: str) -> str:
 
 
 @dataclass(frozen=True)
-class StorySettings:
+class StoryAdapterSettings:
     """Everything that decides the images (the run is reproducible from these and the model files)."""
 
     prompts: tuple[str, ...]
@@ -115,12 +115,12 @@ class StoryAdapterPipeline:
         self.mode = mode
         self.fingerprints = {"base_model": models.fingerprint, "ip_adapter_and_image_encoder": ip.fingerprint}
 
-    def noise(self, settings: StorySettings) -> np.ndarray:
+    def noise(self, settings: StoryAdapterSettings) -> np.ndarray:
         """The one initial noise of a run: every panel of every round starts from it."""
         return self.sdxl.initial_noise(settings.seed, 1, settings.height, settings.width)
 
     def latents(
-        self, prompt: str, noise: np.ndarray, settings: StorySettings, reference: GlobalReference | None = None
+        self, prompt: str, noise: np.ndarray, settings: StoryAdapterSettings, reference: GlobalReference | None = None
     ) -> Tensor:
         """One panel (the styled prompt), text only (``reference=None``, round 0) or with the round's references."""
         embeds = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT])
@@ -135,9 +135,24 @@ class StoryAdapterPipeline:
         )
 
     def panel(
-        self, prompt: str, noise: np.ndarray, settings: StorySettings, reference: GlobalReference | None = None
+        self, prompt: str, noise: np.ndarray, settings: StoryAdapterSettings, reference: GlobalReference | None = None
     ) -> Image.Image:
         return self.sdxl.decode(self.latents(prompt, noise, settings, reference))[0]
 
     def reference(self, images: Sequence[Image.Image], scale: float) -> GlobalReference:
         return self.references.control(images, scale)
+
+    def __call__(self, settings: StoryAdapterSettings, on_panel=None) -> list[list[Image.Image]]:
+        """Every round of the story in memory, no files: ``[round][panel]`` for rounds 0..R. The same images as the
+        on-disk runner (``runs.story_adapter.generate_story``), whose PNGs are lossless; ``on_panel(round, panel,
+        rounds, panels)`` is called after each panel."""
+        noise, prompts = self.noise(settings), settings.model_prompts
+        rounds: list[list[Image.Image]] = []
+        for r in range(settings.rounds + 1):
+            reference = self.reference(rounds[-1], settings.scales[r - 1]) if r else None
+            rounds.append([])
+            for i, prompt in enumerate(prompts):
+                rounds[-1].append(self.panel(prompt, noise, settings, reference))
+                if on_panel is not None:
+                    on_panel(r, i, settings.rounds, len(prompts))
+        return rounds

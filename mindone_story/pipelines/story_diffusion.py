@@ -33,7 +33,7 @@ DEFAULT_NEGATIVE = (
 
 
 @dataclass(frozen=True)
-class StorySettings:
+class StoryDiffusionSettings:
     """Everything that decides StoryDiffusion's images, checked when made (zero is a value, numbers are finite)."""
 
     height: int = 768
@@ -93,14 +93,14 @@ class StoryDiffusionPipeline:
     def panel_noise(self, seed: int, index: int, height: int, width: int) -> np.ndarray:
         return self.sdxl.initial_noise([seed, index], 1, height, width)
 
-    def prompts(self, story: Story, settings: StorySettings) -> tuple[list[str], list[str]]:
+    def prompts(self, story: Story, settings: StoryDiffusionSettings) -> tuple[list[str], list[str]]:
         styled = [apply_style(settings.style_name, p.prompt, settings.negative_prompt) for p in story.panels]
         return [p for p, _ in styled], [n for _, n in styled]
 
     def _run(
         self,
         story: Story,
-        settings: StorySettings,
+        settings: StoryDiffusionSettings,
         indices: Sequence[int],
         write_as: str | None,
         reads: list[list[str]],
@@ -135,7 +135,7 @@ class StoryDiffusionPipeline:
         )
         return self.sdxl.decode(latents)
 
-    def check(self, story: Story, settings: StorySettings) -> None:
+    def check(self, story: Story, settings: StoryDiffusionSettings) -> None:
         """Refuse, before any work, a story whose largest batch cannot fit in the host's memory (CPU)."""
         from ..layers import on_ascend
 
@@ -147,7 +147,7 @@ class StoryDiffusionPipeline:
     def __call__(
         self,
         story: Story,
-        settings: StorySettings,
+        settings: StoryDiffusionSettings,
         on_panel: PanelCallback | None = None,
         on_step: StepCallback | None = None,
         skip: Sequence[int] = (),

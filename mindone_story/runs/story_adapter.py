@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import RecordError
-from ..pipelines.story_adapter import DDIM_CONFIG, NEGATIVE_PROMPT, StorySettings
+from ..pipelines.story_adapter import DDIM_CONFIG, NEGATIVE_PROMPT, StoryAdapterSettings
 from ..story.grca import REFERENCE_SIZE
 from .files import png_bytes, prepare, read_png, write_atomic
 from .record import RunRecord
@@ -27,21 +27,21 @@ def panel_path(round_index: int, panel: int) -> str:
     return f"round_{round_index:02d}/panel_{panel:03d}.png"
 
 
-def settings_of(record: RunRecord) -> StorySettings:
+def settings_of(record: RunRecord) -> StoryAdapterSettings:
     """The recorded settings, checked as new ones are (a hand-edited value is a RecordError naming it)."""
     import dataclasses
 
-    names = [f.name for f in dataclasses.fields(StorySettings)]
+    names = [f.name for f in dataclasses.fields(StoryAdapterSettings)]
     missing = [n for n in names if n not in record.settings]
     if missing:
         raise RecordError(f"{record.where}: field 'settings.{missing[0]}' is missing; the record is incomplete")
     try:
-        return StorySettings(**{n: record.settings[n] for n in names})
+        return StoryAdapterSettings(**{n: record.settings[n] for n in names})
     except ValueError as e:
         raise RecordError(f"{record.where}: the recorded settings are not valid: {e}") from None
 
 
-def progress_of(record: RunRecord, settings: StorySettings) -> tuple[int, int, bool]:
+def progress_of(record: RunRecord, settings: StoryAdapterSettings) -> tuple[int, int, bool]:
     """(round, panels done in it, done), checked against the settings."""
     r = record.require("progress", "round", int)
     made = record.require("progress", "panels", int)
@@ -57,7 +57,7 @@ def progress_of(record: RunRecord, settings: StorySettings) -> tuple[int, int, b
 
 def generate_story(
     pipe,
-    settings: StorySettings,
+    settings: StoryAdapterSettings,
     folder: str | Path,
     models: dict[str, Any] | None = None,
     resume: bool = False,
