@@ -39,12 +39,29 @@ DEFAULT_ACTIONS = [
 HERO = "Hero"
 
 
+def lora_arg(spec: str) -> tuple[str, float]:
+    """PATH[:SCALE]; a path may itself hold colons, so only a number after the last one is a scale."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--height", type=int, default=None, help="default 768 (128 for the tiny model)")
     p.add_argument("--width", type=int, default=None, help="default 768 (128 for the tiny model)")
     p.add_argument("--sd_model_name", default="RealVision", help=f"one of {sorted(MODELS)}")
     p.add_argument("--model_path", default=None, help="a diffusers folder or a single file (overrides sd_model_name)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_arg,
+        metavar="PATH[:SCALE]",
+        help="a LoRA file (kohya, peft or diffusers layout) fused at load, scale default 1.0; repeatable",
+    )
     p.add_argument("--style_name", default="Comic book", help=f"one of {STYLE_NAMES}")
     p.add_argument("--cache_dir", default="./cache_dir", help="where --sd_model_name folders are looked up")
     p.add_argument("--output_dir", default="outputs")
@@ -139,12 +156,15 @@ def main(argv=None) -> int:
         )
         settings.check()
         model = resolve_model(args.sd_model_name, args.model_path, args.cache_dir)
+        missing = [path for path, _ in args.lora if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"LoRA file not found: {missing[0]}")
         if args.height % 32 or args.width % 32:
             raise ValueError(f"height and width must be multiples of 32, got {args.height}x{args.width}")
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 
-    models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype_of(args.dtype))
+    models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype_of(args.dtype), args.lora)
     pipe = StoryDiffusionPipeline(models, mode=args.mode)
     out = Path(args.output_dir)
     extra = {"mode": args.mode, "dtype": args.dtype}

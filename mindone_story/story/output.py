@@ -67,6 +67,7 @@ def write_story(
         "method": "StoryDiffusion",
         "model": str(model),
         "model_fingerprint": pipe.sdxl.models.fingerprint,
+        "loras": pipe.sdxl.models.loras,  # path, scale, fingerprint of each LoRA fused into the model
         "settings": settings.to_dict() | {"id_length": story.id_length} | (extra or {}),
         "typesetting": typesetting,
         "font_size": font_size,
