@@ -19,7 +19,7 @@ from mindspore import Tensor
 
 from mindone_story.pretrained import load_sdxl
 from mindone_story.weights.layouts import preset_configs
-from mindone_story.weights.lora import LoRAError, read_lora
+from mindone_story.weights.lora import LoRAError, Names, read_lora
 from mindone_story.weights.safetensors_io import WeightFileError, save_safetensors
 
 TOL = 1e-4
@@ -30,6 +30,7 @@ CASES = {  # as make_lora_fixtures.CASES
     "peft": [("peft", 1.0)],
     "peft_bare": [("peft_bare", 0.6)],
     "attn_processor": [("attn_processor", 1.0)],
+    "diffusers_legacy": [("diffusers_legacy", 1.2)],
     "multi": [("kohya_sgm", 0.7), ("peft", -0.5)],
 }
 UNET_ARGS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
@@ -89,6 +90,33 @@ def test_scale_rules():
     assert scales("peft_bare")[0] == {"unet": {1.0}, "text_encoder": {1.0}, "text_encoder_2": {1.0}}
     got, lora = scales("attn_processor")
     assert got == {"unet": {1.0}} and lora.layouts == ["attn_processor"] and len(lora) == 136
+    got, lora = scales("diffusers_legacy")
+    assert got == {"unet": {1.0}, "text_encoder_2": {1.0}} and lora.layouts == ["diffusers_legacy"] and len(lora) == 74
+
+
+def test_kohya_names_of_the_real_sdxl():
+    """sd-scripts' SDXL key names (sgm blocks) and the diffusers-named ones resolve onto the SDXL UNet and encoders."""
+    names = Names.of(preset_configs("sdxl"))
+    unet = {
+        "input_blocks_4_1_transformer_blocks_0_attn1_to_k": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
+        "input_blocks_7_1_transformer_blocks_3_attn2_to_out_0": "down_blocks.2.attentions.0.transformer_blocks.3.attn2.to_out.0",
+        "middle_block_1_transformer_blocks_9_ff_net_0_proj": "mid_block.attentions.0.transformer_blocks.9.ff.net.0.proj",
+        "output_blocks_5_1_proj_out": "up_blocks.1.attentions.2.proj_out",
+        "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+        "input_blocks_1_0_emb_layers_1": "down_blocks.0.resnets.0.time_emb_proj",
+        "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+        "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+        "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+        "output_blocks_8_0_out_layers_3": "up_blocks.2.resnets.2.conv2",
+        "middle_block_2_in_layers_2": "mid_block.resnets.1.conv1",
+        "label_emb_0_0": "add_embedding.linear_1",
+        "out_2": "conv_out",
+        "up_blocks_0_attentions_1_transformer_blocks_2_attn1_to_v": "up_blocks.0.attentions.1.transformer_blocks.2.attn1.to_v",
+    }
+    assert {k: names.kohya["unet"].get(k) for k in unet} == unet
+    assert len(names.kohya["unet"]) == 2 * len(names.modules["unet"])  # every module under both spellings
+    te2 = names.kohya["text_encoder_2"]["text_model_encoder_layers_31_mlp_fc2"]
+    assert te2 == "text_model.encoder.layers.31.mlp.fc2"
 
 
 def test_fingerprint_and_record_cover_the_loras():
