@@ -36,6 +36,8 @@ CASES = {  # as make_lora_fixtures.CASES
 UNET_ARGS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 TEXT = {"te": "text_encoder", "te2": "text_encoder_2"}
 CONFIGS = preset_configs("tiny")
+Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # [64, 64] in the tiny UNet
+K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # [64, 96]: context 96
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +130,43 @@ def test_fingerprint_and_record_cover_the_loras():
     assert one.loras[0]["path"].endswith("peft.safetensors") and len(one.loras[0]["fingerprint"]) == 16
 
 
+def test_fusing_reads_one_tensor_at_a_time():
+    """fuse() reads nothing; reading a fused weight reads that base tensor and its own LoRA pair, and nothing else."""
+    from mindone_story.weights.layouts import read_sdxl
+    from mindone_story.weights.lora import fuse
+
+    class Counting(dict):
+        def __init__(self, source):
+            super().__init__()
+            self.source, self.reads = source, []
+
+        def __getitem__(self, key):
+            self.reads.append(key)
+            return self.source[key]
+
+        def shape(self, key):
+            return self.source.shape(key)
+
+    checkpoint = read_sdxl(TINY_SDXL)
+    lora = read_lora(LORA / "peft.safetensors", checkpoint.configs)
+    lora._source = Counting(lora._source)
+    base = Counting(checkpoint["unet"])
+    fused = fuse({**checkpoint, "unet": base}, [(lora, 0.5)])
+    assert base.reads == [] and lora._source.reads == []
+    name = Q + ".weight"
+    module = lora.modules["unet"][name]
+    value = fused["unet"][name]
+    assert base.reads == [name] and lora._source.reads == [module.up, module.down]
+    expected = checkpoint["unet"][name] + 0.5 * module.scale * (
+        np.asarray(lora._source.source[module.up], np.float32)
+        @ np.asarray(lora._source.source[module.down], np.float32)
+    )
+    assert rel_err(value, expected) < 1e-6
+    fused["unet"]["conv_in.weight"]  # a layer the LoRA leaves alone: read as it is
+    assert lora._source.reads == [module.up, module.down]
+
+
 # -- bad LoRA files --------------------------------------------------------------------------------------------------
-Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # [64, 64] in the tiny UNet
-K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # [64, 96]: context 96
 
 
 def _file(tmp_path, tensors: dict[str, tuple[int, ...]]) -> Path:
