@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ class SDXLModels:
     scheduler_config: dict[str, Any]
     fingerprint: str
     ignored: dict[str, list[str]] = field(default_factory=dict)
+    loras: list[dict[str, Any]] = field(default_factory=list)  # path, scale, fingerprint, layouts of each LoRA
 
 
 def default_cache_dir() -> Path:
@@ -78,19 +79,35 @@ def _tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
-def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLModels:
+def load_sdxl(
+    path: str | os.PathLike, dtype: ms.Type | None = None, loras: Sequence[tuple[str | os.PathLike, float]] = ()
+) -> SDXLModels:
     """Load SDXL from a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
     scheduler/) or a single checkpoint file (tokenizers from ``tokenizer``/``tokenizer_2`` folders beside it).
-    The UNet and text encoders take ``dtype``; the VAE stays fp32 (the SDXL VAE overflows in fp16)."""
+    The UNet and text encoders take ``dtype``; the VAE stays fp32 (the SDXL VAE overflows in fp16).
+
+    ``loras``: (file, multiplier) pairs, fused into the weights as they load (weights/lora.py). Every file is
+    mapped and checked before any weight is read; the fingerprint covers the LoRA files and their multipliers."""
     from .weights import read_sdxl
+    from .weights.lora import fuse, read_lora
 
     checkpoint = read_sdxl(path)
+    fused = [(read_lora(file, checkpoint.configs), float(scale)) for file, scale in loras]
+    weights = fuse(checkpoint, fused)
     models, ignored = {}, {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         part_dtype = ms.float32 if name == "vae" else dtype
         models[name], ignored[name] = load_component(
-            name, checkpoint.configs[name], checkpoint[name], f"{path} ({name})", part_dtype
+            name, checkpoint.configs[name], weights[name], f"{path} ({name})", part_dtype
         )
+    records = [
+        {"path": str(lora.path), "scale": scale, "fingerprint": lora.fingerprint, "layouts": lora.layouts}
+        for lora, scale in fused
+    ]
+    fingerprint = checkpoint.fingerprint
+    if records:  # a base model with LoRAs is another model
+        identity = json.dumps([fingerprint] + [[r["fingerprint"], r["scale"]] for r in records])
+        fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
     root = Path(checkpoint.tokenizer_root)
     if not (root / "tokenizer" / "vocab.json").exists() and not Path(path).is_dir():
         root = Path(path).parent
@@ -103,8 +120,9 @@ def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLMode
         tokenizer=_tokenizer(root / "tokenizer"),
         tokenizer_2=_tokenizer(root / "tokenizer_2"),
         scheduler_config=checkpoint.configs["scheduler"],
-        fingerprint=checkpoint.fingerprint,
+        fingerprint=fingerprint,
         ignored=ignored,
+        loras=records,
         **models,
     )
 

@@ -34,6 +34,39 @@ def add_common(p: argparse.ArgumentParser, steps_help: str, size_help: str) -> N
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 
+def lora_arg(spec: str) -> tuple[str, str]:
+    """PATH[:SCALE]; a path may itself hold colons, so only a number after the last one is a scale."""
+    path, _, scale = spec.rpartition(":")
+    try:
+        float(scale)
+    except ValueError:
+        return spec, "1.0"
+    return (path, scale) if path else (spec, "1.0")
+
+
+def add_lora(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        type=lora_arg,
+        metavar="PATH[:SCALE]",
+        help="a LoRA file (kohya, peft or diffusers layout) fused at load, scale default 1.0; repeatable",
+    )
+
+
+def check_loras(loras: list[tuple[str, str]]) -> list[tuple[str, float]]:
+    """Each LoRA file exists and its scale is a finite number, before any work."""
+    from pathlib import Path
+
+    from mindone_story import checks
+
+    for path, _ in loras:
+        if not Path(path).is_file():
+            raise StoryError(f"LoRA file not found: {path}")
+    return [(path, checks.number(f"the scale of LoRA {path}", scale)) for path, scale in loras]
+
+
 def add_output(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--output_dir", default=default)
     group = p.add_mutually_exclusive_group()

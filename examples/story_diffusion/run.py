@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from frontend import add_common, add_output, setup
+from frontend import add_common, add_lora, add_output, check_loras, setup
 
 from mindone_story.errors import main_guard
 from mindone_story.models_registry import MODELS, resolve_model
@@ -70,6 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"caption font size (default {DEFAULT_FONT_SIZE} at 768 px wide, scaled with the width)",
     )
+    add_lora(p)
     add_output(p, "outputs")
     return p.parse_args(argv)
 
@@ -91,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     )
     layout = PageLayout(args.typesetting, args.font_size)
     story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
+    loras = check_loras(args.lora)
     out = Path(args.output_dir)
     files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
     dtype = setup(args.device, args.dtype)
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
-    models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype)
+    models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype, loras)
     pipe = StoryDiffusionPipeline(models, mode=args.mode)
     panels = tqdm(total=len(story.panels), desc="panels", disable=args.no_progress, delay=1)
     steps = tqdm(desc="steps", leave=False, disable=args.no_progress, delay=1)

@@ -20,7 +20,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from frontend import add_common, add_output, setup
+from frontend import add_common, add_lora, add_output, check_loras, setup
 
 from mindone_story.errors import StoryError, main_guard
 from mindone_story.runs import files
@@ -61,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--style", default=None, choices=["comic", "film", "realistic"], help="default comic")
     p.add_argument("--rounds", type=int, default=None, help="refinement rounds after round 0 (default 10)")
     add_common(p, "DDIM steps (default 50; 4 for the tiny model)", "default 1024 (128 for the tiny model)")
+    add_lora(p)
     add_output(p, "outputs/story_adapter")
     args = p.parse_args(argv)
     return args
@@ -128,6 +129,7 @@ def resolve(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     settings, paths = resolve(args)  # bad input fails here, before any model is loaded
+    loras = check_loras(args.lora)
     dtype = setup(args.device, args.dtype)
 
     import mindspore as ms
@@ -152,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     base = tiny_model_dir() if paths["base_model_path"] == "tiny" else files["base_model_path"]
     # the adapter and its encoder are checked against each other and the UNet before the big weights load
     ip = load_ip_adapter_models(files["ip_ckpt"], files["image_encoder_path"], read_sdxl(base).configs["unet"], dtype)
-    models = load_sdxl(base, dtype)
+    models = load_sdxl(base, dtype, loras)
     pipe = StoryAdapterPipeline(models, ip, mode=args.mode)
     print(f"seed {settings.seed}, {len(settings.prompts)} panels, {settings.rounds} rounds -> {out}", flush=True)
     bar = tqdm(total=len(settings.prompts) * (settings.rounds + 1), desc="panels", disable=args.no_progress, delay=1)

@@ -100,7 +100,9 @@ def run_story(
     pipe.check(story, settings)  # memory, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
     record_settings |= extra or {}
-    record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": pipe.sdxl.models.fingerprint}
+    loaded = pipe.sdxl.models
+    record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
+    record_models["loras"] = loaded.loras  # path, scale and fingerprint of each LoRA fused into the model
     story_section = _story_section(pipe, story, settings)
     old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
     total = len(story.panels)

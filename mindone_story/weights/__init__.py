@@ -6,6 +6,8 @@
 - ``keymaps``: one key map per layout (sgm UNet / VAE / OpenCLIP, diffusers, HF CLIP, IP-Adapter) and the strict plan.
 - ``layouts``: layout and family detection and the public readers ``read_sdxl``, ``read_ip_adapter``,
   ``read_image_encoder``, ``open_weights``.
+- ``lora``: one key table per LoRA layout (kohya, peft, older diffusers, attention processor), ``read_lora`` (strict)
+  and ``fuse`` (the deltas added as each weight is read).
 """
 
 from .keymaps import LayoutError, MappedWeights

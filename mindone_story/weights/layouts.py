@@ -244,20 +244,24 @@ class SDXLCheckpoint(Mapping[str, L.MappedWeights]):
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over each file's name, size, first 64 KB (the header) and 16 sampled 4 KB blocks: cheap (no full
-        read of gigabytes), and it changes when the weights do."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for f in self.files:
-                size = f.stat().st_size
-                h.update(f"{f.name}:{size}".encode())
-                with open(f, "rb") as fh:
-                    h.update(fh.read(65536))
-                    for i in range(16):
-                        fh.seek(size * (2 * i + 1) // 32)
-                        h.update(fh.read(4096))
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = files_fingerprint(self.files)
         return self._fingerprint
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """sha256 over each file's name, size, first 64 KB (the header) and 16 sampled 4 KB blocks: cheap (no full read
+    of gigabytes), and it changes when the weights do."""
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(65536))
+            for i in range(16):
+                fh.seek(size * (2 * i + 1) // 32)
+                h.update(fh.read(4096))
+    return h.hexdigest()[:16]
 
 
 def _files_of(source: Any) -> list[Path]:
