@@ -88,6 +88,7 @@ def child_main(args) -> dict:
     set_device("CPU")
     ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
     from mindone_story.models.load import load_state, parameter_shapes
+    from mindone_story.models.unet import up_level_tokens
     from mindone_story.pretrained import build_component
     from mindone_story.story.consistent import install
     from mindone_story.story.id_bank import Draws, IdBank, Phase
@@ -117,9 +118,7 @@ def child_main(args) -> dict:
         Tensor(rng.standard_normal((batch, add_dim)).astype(np.float32)),
         Tensor(np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (batch, 1))),
     )
-    levels = len(config["block_out_channels"])
-    blocks = [b for b, block in enumerate(unet.up_blocks) if block.attentions is not None]
-    tokens = [(latent >> (levels - 1 - b)) ** 2 for b in blocks]
+    tokens = up_level_tokens(unet, latent, latent)
     rates = [args.sa, args.sa]
     report["level_tokens"] = tokens
     step_fn = ms.jit(unet.construct)

@@ -19,6 +19,7 @@ from typing import Any
 
 import mindspore as ms
 import numpy as np
+from mindspore.nn.utils import no_init_parameters
 
 from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
@@ -50,7 +51,16 @@ def default_cache_dir() -> Path:
 
 # -- building and loading -----------------------------------------------------------------------------------------
 def build_component(name: str, config: dict[str, Any]):
-    """An uninitialised model for a component, from its config dict."""
+    """A model for a component, from its config dict, with no parameter memory: its parameters get their data when
+    a checkpoint is loaded (``load_state``, which is strict, so none is left without). Without
+    ``no_init_parameters`` MindSpore fills every initializer at once; the zeros came from untouched pages when the
+    process was young, but later, from a heap with freed pages, building the 2.6 B-parameter UNet made gigabytes
+    resident."""
+    with no_init_parameters():
+        return _build(name, config)
+
+
+def _build(name: str, config: dict[str, Any]):
     if name == "unet":
         return UNet(UNetConfig.from_dict(config))
     if name == "vae":

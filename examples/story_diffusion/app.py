@@ -28,10 +28,9 @@ import app_logic as logic  # noqa: E402
 from mindone_story.errors import describe  # noqa: E402
 from mindone_story.runs.story_diffusion import run_story  # noqa: E402
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
-from mindone_story.story.prompts import DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
+from mindone_story.story.prompts import ADAPTER_STYLES, DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
 
 log = logging.getLogger("mindone_story.app")
-ADAPTER_STYLES = ["comic", "film", "realistic"]
 EXAMPLE_CHARACTERS = "[Bob] a man, wearing a black suit\n[Alice] a woman, wearing a white shirt"
 EXAMPLE_STORY = """[Bob] at home, read new paper #at home, the newspaper says the weather is fine
 [Alice] in the garden, watering flowers #Alice waters her flowers
@@ -253,7 +252,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     sa_story = gr.Textbox(
                         EXAMPLE_ADAPTER_STORY, lines=6, label="story: one panel prompt per line", elem_id="sa-story"
                     )
-                    sa_style = gr.Radio(ADAPTER_STYLES, value="comic", label="style", elem_id="sa-style")
+                    sa_style = gr.Radio(list(ADAPTER_STYLES), value="comic", label="style", elem_id="sa-style")
                     with gr.Row():
                         rounds = number("rounds (after round 0)", 3 if tiny else 10, "sa-rounds")
                         sa_steps = number("steps", steps, "sa-steps")

@@ -25,7 +25,7 @@ from frontend import add_common, add_lora, add_output, check_loras, setup
 from mindone_story.errors import StoryError, main_guard
 from mindone_story.runs import files
 from mindone_story.runs.story_adapter import METHOD, kept
-from mindone_story.story.prompts import read_story_file
+from mindone_story.story.prompts import ADAPTER_STYLES, read_story_file
 
 # a short built-in story for trying the method; real stories come with --story
 SAMPLE_STORY = [
@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cache_dir", default="./cache_dir", help="where hub downloads are kept (Hugging Face layout)")
     p.add_argument("--local_files_only", action="store_true", help="no network: use the files in --cache_dir only")
     p.add_argument("--story", nargs="+", default=None, help="panel prompts, or one file with a prompt per line")
-    p.add_argument("--style", default=None, choices=["comic", "film", "realistic"], help="default comic")
+    p.add_argument("--style", default=None, choices=sorted(ADAPTER_STYLES), help="default comic")
     p.add_argument("--rounds", type=int, default=None, help="refinement rounds after round 0 (default 10)")
     add_common(p, "DDIM steps (default 50; 4 for the tiny model)", "default 1024 (128 for the tiny model)")
     add_lora(p)

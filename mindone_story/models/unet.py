@@ -206,3 +206,24 @@ class UNet(nn.Cell):
             x = block(x, skips[len(skips) - n :], emb, encoder_hidden_states, story)
             skips = skips[: len(skips) - n]
         return self.conv_out(self.conv_norm_out(x))
+
+
+def up_attention(unet: UNet) -> list[tuple[int, int, nn.Cell]]:
+    """Every transformer block of the up blocks that have attention, in call order, as (level, downscale, block):
+    ``level`` counts those up blocks (0 the coarsest; SDXL has two), ``downscale`` is the block's size against the
+    latent (4 and 2 for SDXL). The one walk that consistent attention, its token counts and the benchmarks use."""
+    levels = len(unet.config.block_out_channels)
+    found, level = [], 0
+    for b, block in enumerate(unet.up_blocks):
+        if block.attentions is None:
+            continue
+        for transformer in block.attentions:
+            found += [(level, 2 ** (levels - 1 - b), tb) for tb in transformer.transformer_blocks]
+        level += 1
+    return found
+
+
+def up_level_tokens(unet: UNet, latent_h: int, latent_w: int) -> list[int]:
+    """Tokens per image at each up-block attention level, coarsest first."""
+    scales = sorted({(level, scale) for level, scale, _ in up_attention(unet)})
+    return [(latent_h // scale) * (latent_w // scale) for _, scale in scales]

@@ -16,6 +16,8 @@ import numpy as np
 from mindspore import Tensor
 from PIL import Image
 
+from .. import checks
+from ..modes import compiled
 from ..pretrained import SDXLModels
 from .schedulers import make_scheduler
 
@@ -39,23 +41,15 @@ class PromptEmbeds:
     pooled: Tensor  # [2B, P]
 
 
-def _compiled(fn: Callable, mode: str) -> Callable:
-    if mode == "graph":
-        return ms.jit(fn)
-    if mode == "pynative":
-        return fn
-    raise ValueError(f"unknown mode {mode!r}; use 'graph' or 'pynative'")
-
-
 class SDXLPipeline:
     def __init__(self, models: SDXLModels, mode: str = "graph"):
         self.models = models
         self.mode = mode
         self.dtype = models.unet.conv_in.weight.dtype  # compute dtype of the UNet (the VAE always runs in fp32)
         self.vae_scale = models.vae.config.downscale
-        self._unet = _compiled(models.unet.construct, mode)
-        self._vae_decode = _compiled(models.vae.decode, mode)
-        self._text = [_compiled(enc.construct, mode) for enc in (models.text_encoder, models.text_encoder_2)]
+        self._unet = compiled(models.unet.construct, mode)
+        self._vae_decode = compiled(models.vae.decode, mode)
+        self._text = [compiled(enc.construct, mode) for enc in (models.text_encoder, models.text_encoder_2)]
 
     # -- text ---------------------------------------------------------------------------------------------------
     def _token_ids(self, tokenizer, prompts: Sequence[str]) -> Tensor:
@@ -86,15 +80,10 @@ class SDXLPipeline:
         return PromptEmbeds(context, pooled)
 
     # -- latents ------------------------------------------------------------------------------------------------
-    def check_size(self, height: int, width: int) -> None:
-        for name, value in (("height", height), ("width", width)):
-            if value <= 0 or value % 32:
-                raise ValueError(f"{name} must be a positive multiple of 32, got {value}")
-
     def initial_noise(self, seed: int | Sequence[int], batch: int, height: int, width: int) -> np.ndarray:
         """Standard normal latents from a host-side generator (seeded by an int or a sequence of ints), so
         PyNative and graph mode see the same noise."""
-        self.check_size(height, width)
+        height, width = checks.image_size(height, width)
         shape = (batch, self.models.unet.config.in_channels, height // self.vae_scale, width // self.vae_scale)
         return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 

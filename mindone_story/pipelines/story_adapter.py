@@ -28,16 +28,9 @@ from ..errors import StoryError
 from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
 from ..story.grca import GlobalReference, ReferenceEncoder, round_scales
+from ..story.prompts import ADAPTER_STYLES, styled
 from .sdxl import SDXLPipeline
 
-# "{prompt}" is replaced verbatim (prompts may hold braces); the strings are the original's.
-STYLES: dict[str, str] = {
-    "comic": "best quality, high quality, comic {prompt} . graphic illustration, comic art, graphic novel art, "
-    "vibrant, highly detailed",
-    "film": "best quality, high quality, cinematic film still, {prompt} . shallow depth of field, vignette, highly "
-    "detailed, high budget, bokeh, cinemascope, moody, epic, gorgeous, film grain, grainy",
-    "realistic": "best quality, high quality, {prompt}",
-}
 NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 # run.py's DDIMScheduler(...) arguments; everything else is the scheduler's default ("leading" spacing, eta 0)
 DDIM_CONFIG: dict[str, Any] = {
@@ -49,12 +42,6 @@ DDIM_CONFIG: dict[str, Any] = {
     "set_alpha_to_one": False,
     "steps_offset": 1,
 }
-
-
-def styled(prompt: str, style: str) -> str:
-    if style not in STYLES:
-        raise ValueError(f"unknown style {style!r}; choose one of {sorted(STYLES)}")
-    return STYLES[style].replace("{prompt}", prompt)
 
 
 @dataclass(frozen=True)
@@ -81,7 +68,7 @@ class StoryAdapterSettings:
             raise StoryError(f"panel prompts {blank[:10]} are empty")
         height, width = checks.image_size(self.height, self.width)
         values = {
-            "style": checks.one_of("style", self.style, sorted(STYLES)),
+            "style": checks.one_of("style", self.style, sorted(ADAPTER_STYLES)),
             "seed": checks.seed(self.seed),
             "rounds": checks.whole("rounds", self.rounds, 0, 1000),
             "steps": checks.whole("steps", self.steps, 1, 1000),

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .. import checks
 from ..errors import StoryError
+from ..models.unet import up_level_tokens
 from ..pretrained import SDXLModels
 from ..story.consistent import install
 from ..story.id_bank import Draws, IdBank, Phase
@@ -85,10 +86,7 @@ class StoryDiffusionPipeline:
 
     def level_tokens(self, height: int, width: int) -> list[int]:
         """Tokens per image at the two consistent-attention resolutions: 1/32 and 1/16 of the image for SDXL."""
-        latent_h, latent_w = height // self.sdxl.vae_scale, width // self.sdxl.vae_scale
-        levels = len(self.unet.config.block_out_channels)
-        blocks = [b for b, block in enumerate(self.unet.up_blocks) if block.attentions is not None]
-        return [(latent_h >> (levels - 1 - b)) * (latent_w >> (levels - 1 - b)) for b in blocks]
+        return up_level_tokens(self.unet, height // self.sdxl.vae_scale, width // self.sdxl.vae_scale)
 
     def panel_noise(self, seed: int, index: int, height: int, width: int) -> np.ndarray:
         return self.sdxl.initial_noise([seed, index], 1, height, width)

@@ -89,27 +89,23 @@ class ConsistentSelfAttention(nn.Cell):
 
 def install(unet) -> list[ConsistentSelfAttention]:
     """Put a processor on every self-attention layer of the up blocks, in call order; returns them."""
+    from ..models.unet import up_attention
+
+    layers = up_attention(unet)
+    if any(level >= len(LEVEL_NAMES) for level, _, _ in layers):
+        raise ValueError("consistent self-attention expects attention in at most two up blocks (as SDXL)")
     processors = []
-    level = 0
-    for block in unet.up_blocks:
-        if block.attentions is None:
-            continue
-        if level >= len(LEVEL_NAMES):
-            raise ValueError("consistent self-attention expects attention in at most two up blocks (as SDXL)")
-        for transformer in block.attentions:
-            for tb in transformer.transformer_blocks:
-                proc = ConsistentSelfAttention(len(processors), level, tb.attn1.to_q.in_features)
-                tb.attn1.processor = proc
-                processors.append(proc)
-        level += 1
+    for level, _, tb in layers:
+        tb.attn1.processor = ConsistentSelfAttention(len(processors), level, tb.attn1.to_q.in_features)
+        processors.append(tb.attn1.processor)
     return processors
 
 
 def uninstall(unet) -> None:
-    for block in unet.up_blocks:
-        for transformer in block.attentions or []:
-            for tb in transformer.transformer_blocks:
-                tb.attn1.processor = None
+    from ..models.unet import up_attention
+
+    for _, _, tb in up_attention(unet):
+        tb.attn1.processor = None
 
 
 def gate_threshold(step: int) -> float:

@@ -15,7 +15,7 @@ again at every step. Here both are done once per round: ``ReferenceEncoder.contr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import mindspore as ms
 import numpy as np
@@ -23,6 +23,7 @@ from mindspore import Tensor, ops
 from PIL import Image
 
 from ..models.clip_preprocess import clip_preprocess
+from ..modes import compiled
 
 REFERENCE_SIZE = 256  # the original keeps each round's panels resized to 256x256 (PIL's default bicubic filter)
 SCALE_FIRST, SCALE_LAST = 0.3, 0.5
@@ -37,12 +38,6 @@ def reference_pixels(images: Sequence[Image.Image], image_size: int) -> np.ndarr
     """Reference images -> CLIP pixel values [N, 3, S, S]: resize to 256x256, then CLIPImageProcessor."""
     small = [image.convert("RGB").resize((REFERENCE_SIZE, REFERENCE_SIZE), Image.BICUBIC) for image in images]
     return clip_preprocess(small, image_size)
-
-
-def _compiled(fn: Callable, mode: str) -> Callable:
-    if mode not in ("graph", "pynative"):
-        raise ValueError(f"unknown mode {mode!r}; use 'graph' or 'pynative'")
-    return ms.jit(fn) if mode == "graph" else fn
 
 
 class GlobalReference:
@@ -67,9 +62,9 @@ class ReferenceEncoder:
         self.ip_adapter = ip_adapter
         self.image_size = image_encoder.config.image_size
         self.chunk = chunk  # images per encoder call: at most two input shapes per run, so two graphs
-        self._encode = _compiled(image_encoder.construct, mode)
-        self._project = _compiled(ip_adapter.project, mode)
-        self._kv = _compiled(ip_adapter.reference_kv, mode)
+        self._encode = compiled(image_encoder.construct, mode)
+        self._project = compiled(ip_adapter.project, mode)
+        self._kv = compiled(ip_adapter.reference_kv, mode)
         self._zero_image_features: Tensor | None = None
         self.images_encoded = 0  # reference images through the CLIP encoder, over the encoder's lifetime
 

@@ -84,6 +84,27 @@ STYLE_NAMES: tuple[str, ...] = tuple(STYLES)
 DEFAULT_STYLE_NAME = "Japanese Anime"  # the original app's default
 
 
+# Story-Adapter's prompt wrappers (its run.py), verbatim; one applier, _fill, serves both tables.
+ADAPTER_STYLES: dict[str, str] = {
+    "comic": "best quality, high quality, comic {prompt} . graphic illustration, comic art, graphic novel art, "
+    "vibrant, highly detailed",
+    "film": "best quality, high quality, cinematic film still, {prompt} . shallow depth of field, vignette, highly "
+    "detailed, high budget, bokeh, cinemascope, moody, epic, gorgeous, film grain, grainy",
+    "realistic": "best quality, high quality, {prompt}",
+}
+
+
+def _fill(template: str, prompt: str) -> str:
+    return template.replace("{prompt}", prompt)  # verbatim, as both originals: prompts may hold braces
+
+
+def styled(prompt: str, style: str) -> str:
+    """Story-Adapter's styled prompt (its negative prompt is one fixed string)."""
+    if style not in ADAPTER_STYLES:
+        raise ValueError(f"unknown style {style!r}; choose one of {sorted(ADAPTER_STYLES)}")
+    return _fill(ADAPTER_STYLES[style], prompt)
+
+
 def apply_style(style_name: str, prompt: str, negative: str = "") -> tuple[str, str]:
     """Return (styled prompt, styled negative) exactly as the original: the negative is ``style_neg + " " + negative``.
 
@@ -94,7 +115,7 @@ def apply_style(style_name: str, prompt: str, negative: str = "") -> tuple[str, 
         valid = ", ".join(repr(name) for name in STYLE_NAMES)
         raise ValueError(f"unknown style {style_name!r}; valid styles are: {valid}")
     positive, style_negative = STYLES[style_name]
-    return positive.replace("{prompt}", prompt), style_negative + " " + negative
+    return _fill(positive, prompt), style_negative + " " + negative
 
 
 # --- data types ------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..config import PRESETS
 from . import keymaps as L
 from . import shapes as S
 from .keymaps import LayoutError, MappedWeights
@@ -51,7 +52,6 @@ __all__ = [
     "read_sdxl",
 ]
 
-PRESETS = Path(__file__).resolve().parent.parent / "presets"
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 _SGM_PREFIX = {
     "unet": "model.diffusion_model.",
