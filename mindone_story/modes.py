@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable
 
 import mindspore as ms
@@ -14,4 +16,23 @@ MODES = ("graph", "pynative")
 def compiled(fn: Callable, mode: str) -> Callable:
     if mode not in MODES:
         raise StoryError(f"unknown mode {mode!r}; use 'graph' or 'pynative'")
-    return ms.jit(fn) if mode == "graph" else fn
+    if mode == "pynative":
+        return fn
+    jitted = ms.jit(fn)
+
+    def call(*args):
+        out = jitted(*args)
+        _give_ctrl_c_back()
+        return out
+
+    return call
+
+
+def _give_ctrl_c_back() -> None:
+    """MindSpore's first graph compile installs a C-level SIGINT handler that ends the process with SIGTERM: no
+    KeyboardInterrupt, no cleanup of a half-written file, no word of what was kept. Reinstall Python's handler
+    (where Python's own is in force and we are on the main thread, the only one that may set handlers)."""
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if handler is signal.default_int_handler:
+            signal.signal(signal.SIGINT, handler)
