@@ -180,11 +180,17 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
     assert "cannot resume with other settings: --seed 4 (recorded 3)" in err
     err = fails(capsys, "--output_dir", str(out), "--resume", "--story", "a dog")
     assert "other prompts" in err
+    err = fails(capsys, "--output_dir", str(out), "--resume", "--freeu", "0.6,0.4,1.1,1.2")
+    assert "--freeu '0.6,0.4,1.1,1.2' (recorded None)" in err
 
 
 @pytest.mark.parametrize(
     "bad,message",
-    [(["--height", "100"], "height must be a positive multiple of 32"), (["--rounds", "-1"], "rounds must be >= 0")],
+    [
+        (["--height", "100"], "height must be a positive multiple of 32"),
+        (["--rounds", "-1"], "rounds must be >= 0"),
+        (["--freeu", "0.6,0.4"], "FreeU takes 'off' or four numbers s1,s2,b1,b2, got '0.6,0.4'"),
+    ],
 )
 def test_bad_settings(capsys, tmp_path, bad, message):
     assert message in fails(capsys, *bad, "--output_dir", str(tmp_path / "out"))

@@ -61,6 +61,7 @@ def test_cli_writes_panels_pages_and_story_json(run_dir):
     assert record["panels"][5]["characters"] == ["Bob", "Alice"] and record["panels"][4]["characters"] == []
     assert record["panels"][0]["prompt"].startswith("comic  a man with a black suit  wakes up")
     assert record["model_fingerprint"] and record["settings"]["seed"] == 3407
+    assert record["settings"]["freeu"] == [0.6, 0.4, 1.1, 1.2]  # the app's FreeU, on by default
     panels = [Image.open(run_dir / p["file"]) for p in record["panels"]]
     assert all(p.size == (64, 64) for p in panels)
     # Four Pannel: 2x2 cells of (64 + 2*10 border) px; 6 panels -> 2 pages
@@ -103,6 +104,7 @@ def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path):
         (["--style_name", "Watercolour"], "unknown style 'Watercolour'"),
         (["--sd_model_name", "SDXL-Turbo"], "unknown model 'SDXL-Turbo'"),
         (["--height", "100"], "multiples of 32"),
+        (["--freeu", "1,2,x,4"], "FreeU takes 'off' or four numbers s1,s2,b1,b2, got '1,2,x,4'"),
         (["--sd_model_name", "RealVision", "--cache_dir", "/nonexistent"], "was not found under --cache_dir"),
     ],
 )

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from mindone_story.models.freeu import APP_FREEU
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.schedulers import SCHEDULERS
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionPipeline, StorySettings
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=None, help="id panels per write batch (bounds memory)")
     p.add_argument("--read_batch", type=int, default=1, help="later panels per batch")
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument(
+        "--freeu", default=",".join(map(str, APP_FREEU)), help="'off' or s1,s2,b1,b2 (default: the app's values)"
+    )
     p.add_argument("--typesetting", default="Four Pannel", choices=list(LAYOUTS))
     p.add_argument(
         "--font_size",
@@ -136,6 +140,7 @@ def main(argv=None) -> int:
             args.scheduler,
             args.window,
             args.read_batch,
+            args.freeu,
         )
         settings.check()
         model = resolve_model(args.sd_model_name, args.model_path, args.cache_dir)

@@ -47,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; 4 for the tiny model)")
     p.add_argument("--height", type=int, default=None, help="default 1024 (128 for the tiny model)")
     p.add_argument("--width", type=int, default=None, help="default 1024 (128 for the tiny model)")
+    p.add_argument("--freeu", default=None, help="'off' (the default, as the original) or s1,s2,b1,b2")
     p.add_argument("--output_dir", default="outputs/story_adapter")
     p.add_argument("--resume", action="store_true", help="continue the run recorded in output_dir/story.json")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
@@ -71,12 +72,14 @@ def read_story(values: list[str] | None) -> list[str]:
 
 def resolve(args: argparse.Namespace):
     """Settings and model paths: from the flags, or on --resume from story.json (flags given must agree)."""
+    from mindone_story.models.freeu import freeu_factors
     from mindone_story.pipelines.story_adapter import StoryRecord, StorySettings
     from mindone_story.pretrained import TINY_IP_ADAPTER, tiny_model_dir
 
     given = {k: getattr(args, k) for k in ("style", "rounds", "seed", "steps", "height", "width")}
     paths = {k: getattr(args, k) for k in ("base_model_path", "image_encoder_path", "ip_ckpt")}
     prompts = None if args.story is None else read_story(args.story)
+    freeu = freeu_factors(args.freeu)
     if args.resume:
         record = StoryRecord.read(Path(args.output_dir))
         recorded = record.settings.to_dict()
@@ -85,10 +88,12 @@ def resolve(args: argparse.Namespace):
         ]
         if prompts is not None and list(prompts) != recorded["prompts"]:
             clash.append("--story (other prompts than the recorded ones)")
+        if args.freeu is not None and freeu != recorded["freeu"]:
+            clash.append(f"--freeu {args.freeu!r} (recorded {recorded['freeu']!r})")
         if clash:
             raise ValueError("cannot resume with other settings: " + "; ".join(clash))
         given = {k: recorded[k] for k in given}
-        prompts = recorded["prompts"]
+        prompts, freeu = recorded["prompts"], recorded["freeu"]
         paths = {k: record.models.get(k) if v is None else v for k, v in paths.items()}
     if paths["base_model_path"] is None and paths["image_encoder_path"] is None and paths["ip_ckpt"] is None:
         paths["base_model_path"] = "tiny"
@@ -97,7 +102,7 @@ def resolve(args: argparse.Namespace):
         given[k] = v if given[k] is None else given[k]
     if given["seed"] is None:
         given["seed"] = secrets.randbelow(100001)  # the original's random.randint(0, 100000); recorded
-    settings = StorySettings(prompts=tuple(read_story(None) if prompts is None else prompts), **given)
+    settings = StorySettings(prompts=tuple(read_story(None) if prompts is None else prompts), freeu=freeu, **given)
     if tiny:
         root = tiny_model_dir()
         paths["image_encoder_path"] = paths["image_encoder_path"] or str(root / "image_encoder")

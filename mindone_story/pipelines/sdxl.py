@@ -17,6 +17,7 @@ from mindspore import Tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..models.freeu import freeu_tensor
 from ..pretrained import SDXLModels
 from .schedulers import make_scheduler
 
@@ -118,18 +119,21 @@ class SDXLPipeline:
         story: StoryControl | None = None,
         seed: int = 0,
         progress: bool = True,
+        freeu: tuple[float, float, float, float] | None = None,
     ) -> Tensor:
-        """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents."""
+        """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents. ``freeu``: None (off) or
+        (s1, s2, b1, b2), as diffusers' ``unet.enable_freeu``."""
         sched = make_scheduler(scheduler, self.models.scheduler_config, steps)
         batch, _, h, w = noise.shape
         time_ids = self.time_ids(batch, h * self.vae_scale, w * self.vae_scale)
         latents = Tensor(noise) * float(sched.init_noise_sigma)
         generator = np.random.default_rng(seed + 1)  # ancestral samplers' noise, host-side
+        freeu = freeu_tensor(freeu)
         for i, t in enumerate(tqdm(sched.timesteps, desc="steps", leave=False, disable=not progress)):
             model_in = sched.scale_model_input(ms.ops.concat((latents, latents)), t).astype(self.dtype)
             timestep = Tensor(np.array([float(t)], np.float32))
             extra = story.inputs(i) if story is not None else None
-            pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra)
+            pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra, freeu)
             if story is not None:
                 story.collect(i)
             uncond, cond = ms.ops.split(pred.astype(ms.float32), batch, axis=0)

@@ -28,6 +28,7 @@ from mindspore import Tensor
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..models.freeu import freeu_factors
 from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
 from ..story.grca import REFERENCE_SIZE, GlobalReference, ReferenceEncoder, round_scales
@@ -73,9 +74,11 @@ class StorySettings:
     height: int = 1024
     width: int = 1024
     guidance_scale: float = 5.0
+    freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); the original has no FreeU
 
     def __post_init__(self):
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "freeu", freeu_factors(self.freeu))
         if not self.prompts or not any(p.strip() for p in self.prompts):
             raise ValueError("the story is empty: give at least one panel prompt")
         blank = [i for i, p in enumerate(self.prompts) if not p.strip()]
@@ -129,6 +132,7 @@ class StoryAdapterPipeline:
             story=reference,
             seed=settings.seed,
             progress=False,
+            freeu=settings.freeu,
         )
 
     def panel(

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..models.freeu import APP_FREEU, freeu_factors
 from ..pretrained import SDXLModels
 from ..story.consistent import install
 from ..story.id_bank import Draws, IdBank, Phase
@@ -44,6 +45,10 @@ class StorySettings:
     scheduler: str = "ddim"
     window: int | None = None  # id panels per write batch (None: all id panels of a character at once)
     read_batch: int = 1  # later panels per batch
+    freeu: tuple[float, float, float, float] | None = APP_FREEU  # (s1, s2, b1, b2) or None; the app's by default
+
+    def __post_init__(self):
+        object.__setattr__(self, "freeu", freeu_factors(self.freeu))  # 'off', 's1,s2,b1,b2' or four numbers
 
     def check(self) -> None:
         for name in ("sa32", "sa64"):
@@ -117,6 +122,7 @@ class StoryDiffusionPipeline:
             story=phase,
             seed=settings.seed + phase_seed,
             progress=progress,
+            freeu=settings.freeu,
         )
         return self.sdxl.decode(latents)
 
