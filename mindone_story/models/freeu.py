@@ -85,8 +85,9 @@ def skip_filter(x: Tensor, scale: Tensor) -> Tensor:
     return (flat + (scale.astype(ms.float32) - 1) / (h * w) * low).reshape(b, c, h, w).astype(x.dtype)
 
 
-def apply_freeu(x: Tensor, skip: Tensor, backbone: Tensor, skip_scale: Tensor) -> tuple[Tensor, Tensor]:
-    """The backbone's first half of channels times ``backbone`` (b1 or b2); the skip through ``skip_filter``."""
+def freeu_concat(x: Tensor, skip: Tensor, backbone: Tensor, skip_scale: Tensor) -> Tensor:
+    """The resnet input concat(x, skip) with FreeU: the first half of x's channels times ``backbone`` (b1 or b2),
+    the skip through ``skip_filter``. One concat (not a scaled copy of x, then a second concat): on CPU that
+    halves the cost."""
     half = x.shape[1] // 2
-    x = ops.concat((x[:, :half] * backbone.astype(x.dtype), x[:, half:]), 1)
-    return x, skip_filter(skip, skip_scale)
+    return ops.concat((x[:, :half] * backbone.astype(x.dtype), x[:, half:], skip_filter(skip, skip_scale)), 1)

@@ -8,7 +8,7 @@ from mindspore import Tensor, nn, ops
 from ..config import UNetConfig
 from ..layers import Conv2d, GroupNorm, Linear, silu, sinusoidal_frequencies, upsample_nearest2x
 from .attention import Transformer2D
-from .freeu import FREEU_BLOCKS, apply_freeu
+from .freeu import FREEU_BLOCKS, freeu_concat
 
 
 class Timesteps(nn.Cell):
@@ -132,9 +132,8 @@ class UpBlock(nn.Cell):
     def construct(self, x: Tensor, skips: tuple, temb: Tensor, context: Tensor, story: tuple | None = None, freeu=None):
         for i, resnet in enumerate(self.resnets):
             skip = skips[-1 - i]
-            if freeu is not None:
-                x, skip = apply_freeu(x, skip, freeu[0], freeu[1])
-            x = resnet(ops.concat((x, skip), 1), temb)
+            h = ops.concat((x, skip), 1) if freeu is None else freeu_concat(x, skip, freeu[0], freeu[1])
+            x = resnet(h, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context, story)
         if self.upsamplers is not None:
