@@ -62,6 +62,9 @@ def test_cli_writes_panels_pages_and_story_json(run_dir):
     assert record["panels"][0]["prompt"].startswith("comic  a man with a black suit  wakes up")
     assert record["model_fingerprint"] and record["settings"]["seed"] == 3407
     assert record["settings"]["freeu"] == [0.6, 0.4, 1.1, 1.2]  # the app's FreeU, on by default
+    # the style's long negative prompt passes 77 tokens (the tiny tokenizer splits words finely): reported, not cut
+    dropped = record["panels"][0]["dropped"]["negative_prompt"]
+    assert dropped and record["panels"][0]["negative_prompt"].endswith(dropped.split()[-1])
     panels = [Image.open(run_dir / p["file"]) for p in record["panels"]]
     assert all(p.size == (64, 64) for p in panels)
     # Four Pannel: 2x2 cells of (64 + 2*10 border) px; 6 panels -> 2 pages
@@ -150,3 +153,18 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
     assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3
     assert writes[0][2] == [[], []] and writes[1][2] == [["Bob"], ["Bob"]]
     assert calls[-1][0] == [6] and calls[-1][1] is None  # the read panel
+
+
+def test_cli_warns_of_every_prompt_past_77_tokens(tmp_path, capsys, monkeypatch):
+    """One line per panel whose prompt is cut, one for the (shared) negative prompt; nothing is generated here."""
+    monkeypatch.setattr(story_cli, "write_story", lambda *args, **kwargs: ([], []))
+    (tmp_path / "s.txt").write_text("[Bob] wakes up\n[Bob] " + "walks in the old city at night, " * 12 + "\n")
+    argv = ["--sd_model_name", "tiny", *SIZE[:-2], "--id_length", "1", "--general_prompt", "[Bob] a man"]
+    assert story_cli.main(argv + ["--story", str(tmp_path / "s.txt"), "--output_dir", str(tmp_path / "o")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 3, lines
+    # the tiny tokenizer splits words finely: even the short panel loses the style's closing words
+    assert lines[0] == "warning: panel 0: the prompt passes CLIP's 77 tokens; dropped: 'highly detailed'"
+    assert lines[1].startswith("warning: panel 1: the prompt passes CLIP's 77 tokens; dropped: '")
+    assert lines[1].endswith("graphic novel art, vibrant, highly detailed'") and len(lines[1]) > len(lines[0]) + 40
+    assert lines[2].startswith("warning: the negative prompt passes CLIP's 77 tokens; dropped: '")

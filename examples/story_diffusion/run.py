@@ -151,6 +151,13 @@ def main(argv=None) -> int:
 
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype_of(args.dtype))
     pipe = StoryDiffusionPipeline(models, mode=args.mode)
+    cut = pipe.truncation(story, settings)
+    for i, parts in sorted(cut.items()):
+        if "prompt" in parts:
+            print(f"warning: panel {i}: the prompt passes CLIP's 77 tokens; dropped: {parts['prompt']!r}")
+    negatives = {parts["negative_prompt"] for parts in cut.values() if "negative_prompt" in parts}
+    for text in sorted(negatives):
+        print(f"warning: the negative prompt passes CLIP's 77 tokens; dropped: {text!r}")
     out = Path(args.output_dir)
     extra = {"mode": args.mode, "dtype": args.dtype}
     panels, pages = write_story(pipe, story, settings, out, args.typesetting, args.font_size, model, extra)

@@ -70,6 +70,24 @@ class SDXLPipeline:
         ).input_ids
         return Tensor(np.asarray(ids, np.int32))
 
+    def dropped_text(self, prompts: Sequence[str]) -> list[str]:
+        """Per prompt, the text that CLIP's window (77 tokens with the start and end tokens) cuts off, from the first
+        word cut whole or in part; '' where the prompt fits. One tokenizer answers for both encoders: SDXL's two
+        tokenizers share one BPE vocabulary and differ only in the padding token."""
+        tokenizer = self.models.tokenizer
+        limit = tokenizer.model_max_length
+        dropped = []
+        for ids in tokenizer(list(prompts)).input_ids:
+            start = limit - 1  # ids[1 : limit - 1] are encoded, then the end token
+            if len(ids) <= limit:
+                dropped.append("")
+                continue
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            while start > 1 and not tokens[start - 1].endswith("</w>"):  # a word split by the cut counts as dropped
+                start -= 1
+            dropped.append(tokenizer.decode(ids[start:-1]))
+        return dropped
+
     def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """hidden_states[-2] of both encoders concatenated, and the bigG encoder's projected pooled output."""
         hidden = []

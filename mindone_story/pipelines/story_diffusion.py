@@ -87,6 +87,16 @@ class StoryDiffusionPipeline:
         styled = [apply_style(settings.style_name, p.prompt, settings.negative_prompt) for p in story.panels]
         return [p for p, _ in styled], [n for _, n in styled]
 
+    def truncation(self, story: Story, settings: StorySettings) -> dict[int, dict[str, str]]:
+        """The panels whose styled prompt or negative prompt passes CLIP's 77 tokens: {panel: {"prompt": dropped
+        text, "negative_prompt": dropped text}}, each key only where something is dropped."""
+        cut: dict[int, dict[str, str]] = {}
+        for key, texts in zip(("prompt", "negative_prompt"), self.prompts(story, settings)):
+            for i, text in enumerate(self.sdxl.dropped_text(texts)):
+                if text:
+                    cut.setdefault(i, {})[key] = text
+        return cut
+
     def _run(
         self,
         story: Story,

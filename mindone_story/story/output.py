@@ -63,6 +63,7 @@ def write_story(
     page files."""
     out.mkdir(parents=True, exist_ok=True)
     positive, negative = pipe.prompts(story, settings)
+    cut = pipe.truncation(story, settings)
     record = {
         "method": "StoryDiffusion",
         "model": str(model),
@@ -81,6 +82,7 @@ def write_story(
                 "caption": p.caption,
                 "characters": list(p.characters),
                 "noise_seed": [settings.seed, i],
+                "dropped": cut.get(i, {}),  # text past CLIP's 77 tokens, not seen by the model
                 "file": None,
             }
             for i, p in enumerate(story.panels)
