@@ -33,7 +33,7 @@ from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
 from ..story.grca import REFERENCE_SIZE, GlobalReference, ReferenceEncoder, round_scales
 from ..story.output import RECORD, png_bytes, write_atomic
-from .sdxl import SDXLPipeline
+from .sdxl import PromptEmbeds, SDXLPipeline
 
 # "{prompt}" is replaced verbatim (prompts may hold braces); the strings are the original's.
 STYLES: dict[str, str] = {
@@ -113,6 +113,16 @@ class StoryAdapterPipeline:
         self.references = ReferenceEncoder(ip.image_encoder, ip.ip_adapter, mode)
         self.mode = mode
         self.fingerprints = {"base_model": models.fingerprint, "ip_adapter_and_image_encoder": ip.fingerprint}
+        self._embeds: dict[str, PromptEmbeds] = {}
+
+    def embeds(self, prompt: str, settings: StorySettings) -> PromptEmbeds:
+        """The (negative, prompt) conditioning, encoded once per run: every round reuses it, the text being the
+        same. The cache holds only the prompts of ``settings``, so a long-lived pipeline (the demo) stays small."""
+        if prompt not in self._embeds:
+            keep = set(settings.model_prompts)
+            self._embeds = {p: e for p, e in self._embeds.items() if p in keep}
+            self._embeds[prompt] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT])
+        return self._embeds[prompt]
 
     def noise(self, settings: StorySettings) -> np.ndarray:
         """The one initial noise of a run: every panel of every round starts from it."""
@@ -122,7 +132,7 @@ class StoryAdapterPipeline:
         self, prompt: str, noise: np.ndarray, settings: StorySettings, reference: GlobalReference | None = None
     ) -> Tensor:
         """One panel (the styled prompt), text only (``reference=None``, round 0) or with the round's references."""
-        embeds = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT])
+        embeds = self.embeds(prompt, settings)
         return self.sdxl.denoise(
             noise,
             embeds,
