@@ -25,9 +25,12 @@ import gradio as gr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py and app_logic.py, also when imported
 import app_logic as logic  # noqa: E402
 
+from mindone_story.models.freeu import APP_FREEU  # noqa: E402
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
 from mindone_story.story.output import write_story  # noqa: E402
 from mindone_story.story.prompts import DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
+
+FREEU_TEXT = ",".join(map(str, APP_FREEU))  # the FreeU field's default: the app's factors
 
 log = logging.getLogger("mindone_story.app")
 ADAPTER_STYLES = ["comic", "film", "realistic"]
@@ -112,10 +115,24 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         seed,
         typesetting,
         font_size,
+        negative_prompt=logic.DEFAULT_NEGATIVE,
+        freeu=FREEU_TEXT,
         progress=gr.Progress(),  # noqa: B008 - how Gradio passes its progress tracker
     ):
         settings, id_length, typesetting, font_size = logic.story_diffusion_settings(
-            style, id_length, sa32, sa64, steps, guidance, height, width, seed, typesetting, font_size
+            style,
+            id_length,
+            sa32,
+            sa64,
+            steps,
+            guidance,
+            height,
+            width,
+            seed,
+            typesetting,
+            font_size,
+            negative_prompt,
+            freeu,
         )
         model = logic.choose_model(model_name, model_path, args.cache_dir)
         out = logic.new_output_dir(args.output_dir, "story_diffusion")
@@ -209,6 +226,10 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     with gr.Row():
                         typesetting = gr.Dropdown(list(LAYOUTS), value="Four Pannel", label="typesetting")
                         font_size = number("caption font size", round(DEFAULT_FONT_SIZE * size / 768), "sd-font-size")
+                    negative = gr.Textbox(
+                        logic.DEFAULT_NEGATIVE, lines=2, label="negative prompt", elem_id="sd-negative"
+                    )
+                    freeu = gr.Textbox(FREEU_TEXT, label="FreeU: 'off' or s1,s2,b1,b2", elem_id="sd-freeu")
                     sd_go = gr.Button("Generate", variant="primary", elem_id="sd-generate")
                 with gr.Column():
                     sd_gallery = gr.Gallery(label="panels", columns=3, format="png", elem_id="sd-gallery")
@@ -232,6 +253,8 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     seed,
                     typesetting,
                     font_size,
+                    negative,
+                    freeu,
                 ],
                 [sd_gallery, sd_pages, sd_zip, sd_status],
                 api_name="story_diffusion",

@@ -79,6 +79,7 @@ def story_diffusion_settings(
     typesetting: str,
     font_size: Any,
     negative_prompt: str = DEFAULT_NEGATIVE,
+    freeu: str | None = None,
 ) -> tuple[StorySettings, int, str, int]:
     """(settings, id_length, typesetting, font size) from the StoryDiffusion tab, checked."""
     if style not in STYLE_NAMES:
@@ -97,6 +98,7 @@ def story_diffusion_settings(
         sa64=as_float("sa64", sa64),
         style_name=style,
         negative_prompt=negative_prompt,
+        **({} if freeu is None else {"freeu": freeu}),  # 'off' or s1,s2,b1,b2; checked by StorySettings
     )
     settings.check()
     return settings, as_int("id_length", id_length, 1), typesetting, as_int("caption font size", font_size, 1)
