@@ -63,7 +63,6 @@ def test_unet_step_matches_enable_freeu(unet, io, ref, mode):
     if mode == "graph":  # the same compiled graph, other factors: they are inputs, not frozen constants
         assert rel_err(step(*pow2, None, freeu_tensor(OTHER)).asnumpy(), ref["pow2.out_b"]) < TOL
         assert rel_err(step(*pow2, None, freeu_tensor(APP_FREEU)).asnumpy(), ref["pow2.out"]) < TOL
-        assert rel_err(step(*pow2).asnumpy(), io["unet.out"]) < 1e-4  # off: the plain step
 
 
 def test_pipeline_with_freeu_matches_diffusers(io, ref):
