@@ -43,6 +43,8 @@ FORM = {
     "seed": 7,
     "typesetting": "Four Pannel",
     "font_size": 8,
+    "negative_prompt": "blurry",
+    "freeu": "0.9,0.2,1.3,1.05",
 }
 ADAPTER_FORM = {
     "model_name": "tiny",
@@ -106,10 +108,11 @@ def test_story_diffusion_run(sd_run, tmp_path):
     story = parse_story(CHARACTERS, STORY, 2)
     assert record["story"]["id_panels"] == {"Bob": [0, 2], "Alice": [1, 3]} and record["story"]["id_length"] == 2
     assert record["story"]["panels"][0]["prompt"] == apply_style("Comic book", story.panels[0].prompt)[0]
+    assert record["story"]["panels"][0]["negative_prompt"] == apply_style("Comic book", "", "blurry")[1]
     assert record["files"][:5] == [f"panel_{i:03d}.png" for i in (0, 2, 1, 3, 4)]
     s = record["settings"]
     assert (s["seed"], s["steps"], s["height"], s["width"], s["sa32"]) == (7, 2, 64, 64, 0.5)
-    assert s["mode"] == "graph" and s["font_size"] == 8
+    assert s["mode"] == "graph" and s["font_size"] == 8 and s["freeu"] == [0.9, 0.2, 1.3, 1.05]
     # the gallery shows the saved panels, and the pages are those panels typeset
     panels = [pixels(item["image"]) for item in gallery]
     for i, panel in enumerate(panels):
@@ -168,6 +171,7 @@ def test_story_adapter_run(client, tmp_path):
         ("/story_diffusion", {"id_length": 3}, "character [Bob] needs 3 id panels"),
         ("/story_diffusion", {"model_name": "Nope"}, "Nope is not in the list of choices"),  # Gradio's check
         ("/story_diffusion", {"model_name": "SDXL"}, "not (completely) in the cache"),
+        ("/story_diffusion", {"freeu": "on"}, "FreeU takes 'off' or four numbers s1,s2,b1,b2, got 'on'"),
         ("/story_adapter", {"story_text": ""}, "the story is empty"),
         ("/story_adapter", {"rounds": -1}, "rounds must be at least 0, got -1"),
         ("/story_adapter", {"style": "comic", "steps": 0}, "steps must be at least 1, got 0"),

@@ -161,3 +161,19 @@ def test_scale_is_a_tensor_input_of_the_compiled_unet(pipe, sa_io):
     assert rel_err(out_high, out_low) > 1e-3
     assert rel_err(out_high, unet.construct(*args, high.inputs(0)).asnumpy()) < TOL
     assert isinstance(high, GlobalReference) and high.scale == 0.9
+
+
+def test_prompts_are_encoded_once_per_run(pipe, monkeypatch):
+    """Every round reuses a panel's text conditioning; the cache keeps only the current story's prompts."""
+    settings = StoryAdapterSettings(("a cat on a roof", "a dog in a park"), steps=1, height=64, width=64)
+    real, calls = pipe.sdxl.encode_prompts, []
+    monkeypatch.setattr(pipe.sdxl, "encode_prompts", lambda p, n: calls.append(p) or real(p, n))
+    first = [pipe.embeds(p, settings) for p in settings.model_prompts]
+    for _ in range(2):  # two more rounds
+        assert [pipe.embeds(p, settings) for p in settings.model_prompts] == first
+    assert calls == [[p] for p in settings.model_prompts]
+    fresh = real([settings.model_prompts[0]], [NEGATIVE_PROMPT])
+    assert np.array_equal(first[0].context.asnumpy(), fresh.context.asnumpy())
+    other = StoryAdapterSettings(("a bird",), steps=1, height=64, width=64)
+    pipe.embeds(other.model_prompts[0], other)
+    assert list(pipe._embeds) == other.model_prompts

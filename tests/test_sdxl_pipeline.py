@@ -51,3 +51,17 @@ def test_tiny_model_is_built_once_and_deterministic(tmp_path):
     images = SDXLPipeline(load_sdxl(first), mode="pynative")(["a man"], None, 64, 64, steps=2, seed=3)
     assert images[0].size == (64, 64)
     assert np.asarray(images[0]).std() > 1.0  # not a blank image
+
+
+def test_dropped_text_is_what_clip_cuts_off(models):
+    """The reported text starts at the first word that does not fit whole in the 77-token window."""
+    pipe = SDXLPipeline(models, mode="pynative")
+    tokenizer = models.tokenizer
+    words = "a man with a black suit walks through the old city under heavy rain at night".split()
+    prompt = " ".join(words * 8)
+    short, long = pipe.dropped_text(["a man with a black suit", prompt])
+    assert short == ""
+    assert long and prompt.endswith(" " + long)
+    kept = prompt[: -len(long) - 1]
+    first = long.split()[0]
+    assert len(tokenizer(kept).input_ids) <= 77 < len(tokenizer(f"{kept} {first}").input_ids)

@@ -175,6 +175,8 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
     assert "cannot resume with other settings: --seed 4 (recorded 3)" in err
     err = fails(capsys, "--output_dir", str(out), "--resume", "--story", "a dog")
     assert "other prompts" in err
+    err = fails(capsys, "--output_dir", str(out), "--resume", "--freeu", "0.6,0.4,1.1,1.2")
+    assert "--freeu '0.6,0.4,1.1,1.2' (recorded None)" in err
 
 
 @pytest.mark.parametrize(
@@ -182,6 +184,7 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
     [
         (["--height", "100"], "height must be a multiple of 32, got 100"),
         (["--rounds", "-1"], "rounds must be at least 0"),
+        (["--freeu", "0.6,0.4"], "FreeU takes 'off' or four numbers s1,s2,b1,b2, got '0.6,0.4'"),
     ],
 )
 def test_bad_settings(capsys, tmp_path, bad, message):

@@ -63,6 +63,10 @@ def test_cli_writes_panels_pages_and_story_json(run_dir):
     assert story["panels"][5]["characters"] == ["Bob", "Alice"] and story["panels"][4]["characters"] == []
     assert story["panels"][0]["prompt"].startswith("comic  a man with a black suit  wakes up")
     assert record["models"]["fingerprint"] and record["settings"]["seed"] == 3407
+    assert record["settings"]["freeu"] == [0.6, 0.4, 1.1, 1.2]  # the app's FreeU, on by default
+    # the style's long negative prompt passes 77 tokens (the tiny tokenizer splits words finely): reported, not cut
+    dropped = story["panels"][0]["dropped"]["negative_prompt"]
+    assert dropped and story["panels"][0]["negative_prompt"].endswith(dropped.split()[-1])
     assert record["files"] == [f"panel_{i:03d}.png" for i in (0, 2, 1, 3, 4, 5)] + ["page_00.png", "page_01.png"]
     panels = [Image.open(run_dir / f"panel_{i:03d}.png") for i in range(6)]
     assert all(p.size == (64, 64) for p in panels)
@@ -106,6 +110,7 @@ def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path):
         (["--style_name", "Watercolour"], "unknown style 'Watercolour'"),
         (["--sd_model_name", "SDXL-Turbo"], "unknown model 'SDXL-Turbo'"),
         (["--height", "100"], "height must be a multiple of 32, got 100"),
+        (["--freeu", "1,2,x,4"], "FreeU takes 'off' or four numbers s1,s2,b1,b2, got '1,2,x,4'"),
         (
             ["--sd_model_name", "RealVision", "--cache_dir", "/nonexistent"],
             "not (completely) in the cache /nonexistent",
@@ -196,3 +201,20 @@ def test_interrupted_story_says_what_was_kept_and_resumes_to_the_same_images(run
     assert {i: (out / f"panel_{i:03d}.png").stat().st_mtime_ns for i in range(4)} == kept
     record = json.loads((out / "story.json").read_text())
     assert record["progress"]["done"] and [e["resumed"] for e in record["log"]] == [True]
+
+
+def test_cli_warns_of_every_prompt_past_77_tokens(tmp_path, capsys, monkeypatch):
+    """One line per panel whose prompt is cut, one for the (shared) negative prompt; nothing is generated here."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(story_cli, "run_story", lambda *args, **kwargs: SimpleNamespace(panels=[], pages=[]))
+    (tmp_path / "s.txt").write_text("[Bob] wakes up\n[Bob] " + "walks in the old city at night, " * 12 + "\n")
+    argv = ["--sd_model_name", "tiny", *SIZE[:-2], "--id_length", "1", "--general_prompt", "[Bob] a man"]
+    assert story_cli.main(argv + ["--story", str(tmp_path / "s.txt"), "--output_dir", str(tmp_path / "o")]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 3, lines
+    # the tiny tokenizer splits words finely: even the short panel loses the style's closing words
+    assert lines[0] == "warning: panel 0: the prompt passes CLIP's 77 tokens; dropped: 'highly detailed'"
+    assert lines[1].startswith("warning: panel 1: the prompt passes CLIP's 77 tokens; dropped: '")
+    assert lines[1].endswith("graphic novel art, vibrant, highly detailed'") and len(lines[1]) > len(lines[0]) + 40
+    assert lines[2].startswith("warning: the negative prompt passes CLIP's 77 tokens; dropped: '")

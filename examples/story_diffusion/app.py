@@ -26,9 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # app_logic.py, also w
 import app_logic as logic  # noqa: E402
 
 from mindone_story.errors import describe  # noqa: E402
+from mindone_story.models.freeu import APP_FREEU  # noqa: E402
 from mindone_story.runs.story_diffusion import run_story  # noqa: E402
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
 from mindone_story.story.prompts import ADAPTER_STYLES, DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
+
+FREEU_TEXT = ",".join(map(str, APP_FREEU))  # the FreeU field's default: the app's factors
 
 log = logging.getLogger("mindone_story.app")
 EXAMPLE_CHARACTERS = "[Bob] a man, wearing a black suit\n[Alice] a woman, wearing a white shirt"
@@ -112,10 +115,24 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         seed,
         typesetting,
         font_size,
+        negative_prompt=logic.DEFAULT_NEGATIVE,
+        freeu=FREEU_TEXT,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings, id_length, layout = logic.story_diffusion_settings(
-            style, id_length, sa32, sa64, steps, guidance, height, width, seed, typesetting, font_size
+            style,
+            id_length,
+            sa32,
+            sa64,
+            steps,
+            guidance,
+            height,
+            width,
+            seed,
+            typesetting,
+            font_size,
+            negative_prompt,
+            freeu,
         )
         story = logic.parse_form_story(characters, story_text, id_length)
         model = logic.choose_model(model_name, model_path, args.cache_dir)
@@ -214,6 +231,10 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     with gr.Row():
                         typesetting = gr.Dropdown(list(LAYOUTS), value="Four Pannel", label="typesetting")
                         font_size = number("caption font size", round(DEFAULT_FONT_SIZE * size / 768), "sd-font-size")
+                    negative = gr.Textbox(
+                        logic.DEFAULT_NEGATIVE, lines=2, label="negative prompt", elem_id="sd-negative"
+                    )
+                    freeu = gr.Textbox(FREEU_TEXT, label="FreeU: 'off' or s1,s2,b1,b2", elem_id="sd-freeu")
                     sd_go = gr.Button("Generate", variant="primary", elem_id="sd-generate")
                 with gr.Column():
                     sd_gallery = gr.Gallery(label="panels", columns=3, format="png", elem_id="sd-gallery")
@@ -237,6 +258,8 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     seed,
                     typesetting,
                     font_size,
+                    negative,
+                    freeu,
                 ],
                 [sd_gallery, sd_pages, sd_zip, sd_status],
                 api_name="story_diffusion",

@@ -60,6 +60,7 @@ def story_diffusion_settings(
     typesetting: str,
     font_size: Any,
     negative_prompt: str = DEFAULT_NEGATIVE,
+    freeu: str | None = None,
 ) -> tuple[StoryDiffusionSettings, int, PageLayout]:
     """(settings, id_length, page layout) from the StoryDiffusion tab, checked."""
     settings = StoryDiffusionSettings(
@@ -72,6 +73,7 @@ def story_diffusion_settings(
         sa64=sa64,
         style_name=style,
         negative_prompt=negative_prompt,
+        **({} if freeu is None else {"freeu": freeu}),  # 'off' or s1,s2,b1,b2; checked by StoryDiffusionSettings
     )
     layout = PageLayout(typesetting, checks.whole("caption font size", font_size, 1))
     return settings, checks.whole("id_length", id_length, 1), layout

@@ -21,6 +21,7 @@ from pathlib import Path
 from frontend import add_common, add_lora, add_output, check_loras, setup
 
 from mindone_story.errors import main_guard
+from mindone_story.models.freeu import APP_FREEU
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.schedulers import SCHEDULERS
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionSettings
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--window", type=int, default=None, help="id panels per write batch (bounds memory)")
     p.add_argument("--read_batch", type=int, default=1, help="later panels per batch")
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
+    p.add_argument(
+        "--freeu", default=",".join(map(str, APP_FREEU)), help="'off' or s1,s2,b1,b2 (default: the app's values)"
+    )
     p.add_argument("--typesetting", default="Four Pannel", choices=list(LAYOUTS))
     p.add_argument(
         "--font_size",
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         scheduler=args.scheduler,
         window=args.window,
         read_batch=args.read_batch,
+        freeu=args.freeu,
     )
     layout = PageLayout(args.typesetting, args.font_size)
     story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
@@ -112,6 +117,12 @@ def run(args: argparse.Namespace) -> int:
 
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype, loras)
     pipe = StoryDiffusionPipeline(models, mode=args.mode)
+    cut = pipe.truncation(story, settings)  # never cut silently: say what CLIP's 77 tokens leave out
+    for i, parts in sorted(cut.items()):
+        if "prompt" in parts:
+            print(f"warning: panel {i}: the prompt passes CLIP's 77 tokens; dropped: {parts['prompt']!r}")
+    for text in sorted({parts["negative_prompt"] for parts in cut.values() if "negative_prompt" in parts}):
+        print(f"warning: the negative prompt passes CLIP's 77 tokens; dropped: {text!r}")
     panels = tqdm(total=len(story.panels), desc="panels", disable=args.no_progress, delay=1)
     steps = tqdm(desc="steps", leave=False, disable=args.no_progress, delay=1)
 

@@ -61,10 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--style", default=None, choices=sorted(ADAPTER_STYLES), help="default comic")
     p.add_argument("--rounds", type=int, default=None, help="refinement rounds after round 0 (default 10)")
     add_common(p, "DDIM steps (default 50; 4 for the tiny model)", "default 1024 (128 for the tiny model)")
+    p.add_argument("--freeu", default=None, help="'off' (the default, as the original) or s1,s2,b1,b2")
     add_lora(p)
     add_output(p, "outputs/story_adapter")
-    args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def read_story(values: list[str] | None) -> list[str]:
@@ -81,6 +81,7 @@ def read_story(values: list[str] | None) -> list[str]:
 
 def resolve(args: argparse.Namespace):
     """Settings and model paths: from the flags, or on --resume from story.json (flags given must agree)."""
+    from mindone_story.models.freeu import freeu_factors
     from mindone_story.pipelines.story_adapter import StoryAdapterSettings
     from mindone_story.pretrained import TINY_IP_ADAPTER, tiny_model_dir
     from mindone_story.runs.story_adapter import progress_of, settings_of
@@ -88,6 +89,7 @@ def resolve(args: argparse.Namespace):
     given = {k: getattr(args, k) for k in SETTINGS}
     paths = {k: getattr(args, k) for k in PATHS}
     prompts = None if args.story is None else read_story(args.story)
+    freeu = freeu_factors(args.freeu)
     if args.resume:
         record = files.prepare(Path(args.output_dir), METHOD, resume=True, dry_run=True)
         recorded = settings_of(record).to_dict()
@@ -97,10 +99,12 @@ def resolve(args: argparse.Namespace):
         ]
         if prompts is not None and list(prompts) != recorded["prompts"]:
             clash.append("--story (other prompts than the recorded ones)")
+        if args.freeu is not None and (list(freeu) if freeu else None) != recorded["freeu"]:
+            clash.append(f"--freeu {args.freeu!r} (recorded {recorded['freeu']!r})")
         if clash:
             raise StoryError("cannot resume with other settings: " + "; ".join(clash))
         given = {k: recorded[k] for k in given}
-        prompts = recorded["prompts"]
+        prompts, freeu = recorded["prompts"], recorded["freeu"]
         paths = {k: record.models.get(k) if v is None else v for k, v in paths.items()}
     else:
         files.prepare(Path(args.output_dir), METHOD, overwrite=args.overwrite, dry_run=True)
@@ -111,7 +115,9 @@ def resolve(args: argparse.Namespace):
         given[k] = v if given[k] is None else given[k]
     if given["seed"] is None:
         given["seed"] = secrets.randbelow(100001)  # the original's random.randint(0, 100000); recorded
-    settings = StoryAdapterSettings(prompts=tuple(read_story(None) if prompts is None else prompts), **given)
+    settings = StoryAdapterSettings(
+        prompts=tuple(read_story(None) if prompts is None else prompts), freeu=freeu, **given
+    )
     if tiny:
         root = tiny_model_dir()
         paths["image_encoder_path"] = paths["image_encoder_path"] or str(root / "image_encoder")

@@ -8,6 +8,7 @@ from mindspore import Tensor, nn, ops
 from ..config import UNetConfig
 from ..layers import Conv2d, GroupNorm, Linear, silu, sinusoidal_frequencies, upsample_nearest2x
 from .attention import Transformer2D
+from .freeu import FREEU_BLOCKS, freeu_concat
 
 
 class Timesteps(nn.Cell):
@@ -106,7 +107,8 @@ class DownBlock(nn.Cell):
 
 
 class UpBlock(nn.Cell):
-    """UpBlock2D, or CrossAttnUpBlock2D; consumes one skip connection per resnet."""
+    """UpBlock2D, or CrossAttnUpBlock2D; consumes one skip connection per resnet. ``freeu``: None, or this block's
+    (backbone factor, skip factor) as 0-d tensors, applied before every resnet as diffusers does."""
 
     def __init__(self, cfg: UNetConfig, prev_ch: int, out_ch: int, skip_in_ch: int, index: int, last: bool):
         super().__init__()
@@ -127,9 +129,11 @@ class UpBlock(nn.Cell):
         )
         self.upsamplers = None if last else nn.CellList([Upsample2D(out_ch)])
 
-    def construct(self, x: Tensor, skips: tuple, temb: Tensor, context: Tensor, story: tuple | None = None):
+    def construct(self, x: Tensor, skips: tuple, temb: Tensor, context: Tensor, story: tuple | None = None, freeu=None):
         for i, resnet in enumerate(self.resnets):
-            x = resnet(ops.concat((x, skips[-1 - i]), 1), temb)
+            skip = skips[-1 - i]
+            h = ops.concat((x, skip), 1) if freeu is None else freeu_concat(x, skip, freeu[0], freeu[1])
+            x = resnet(h, temb)
             if self.attentions is not None:
                 x = self.attentions[i](x, context, story)
         if self.upsamplers is not None:
@@ -153,9 +157,11 @@ class MidBlock(nn.Cell):
 
 
 class UNet(nn.Cell):
-    """``construct(sample, timestep, encoder_hidden_states, text_embeds, time_ids, story=None) -> noise prediction``.
+    """``construct(sample, timestep, encoder_hidden_states, text_embeds, time_ids, story=None, freeu=None)`` -> noise
+    prediction.
 
-    timestep is a float tensor of shape [B] (or [1], broadcast over the batch).
+    timestep is a float tensor of shape [B] (or [1], broadcast over the batch). freeu is None (off) or a [4] fp32
+    tensor (s1, s2, b1, b2): a tensor input, so a compiled graph follows its values (see models/freeu.py).
     """
 
     def __init__(self, cfg: UNetConfig):
@@ -188,6 +194,7 @@ class UNet(nn.Cell):
         text_embeds: Tensor,
         time_ids: Tensor,
         story: tuple | None = None,
+        freeu: Tensor | None = None,
     ) -> Tensor:
         batch = sample.shape[0]
         t = ops.broadcast_to(timestep.reshape(-1), (batch,))
@@ -202,8 +209,9 @@ class UNet(nn.Cell):
             skips += block_skips
         x = self.mid_block(x, emb, encoder_hidden_states, story)
         n = self.skips_per_up_block
-        for block in self.up_blocks:
-            x = block(x, skips[len(skips) - n :], emb, encoder_hidden_states, story)
+        for i, block in enumerate(self.up_blocks):
+            factors = None if freeu is None or i >= FREEU_BLOCKS else (freeu[FREEU_BLOCKS + i], freeu[i])
+            x = block(x, skips[len(skips) - n :], emb, encoder_hidden_states, story, factors)
             skips = skips[: len(skips) - n]
         return self.conv_out(self.conv_norm_out(x))
 

@@ -17,6 +17,7 @@ from mindspore import Tensor
 from PIL import Image
 
 from .. import checks
+from ..models.freeu import freeu_tensor
 from ..modes import compiled
 from ..pretrained import SDXLModels
 from .schedulers import make_scheduler
@@ -57,6 +58,24 @@ class SDXLPipeline:
             list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True
         ).input_ids
         return Tensor(np.asarray(ids, np.int32))
+
+    def dropped_text(self, prompts: Sequence[str]) -> list[str]:
+        """Per prompt, the text that CLIP's window (77 tokens with the start and end tokens) cuts off, from the first
+        word cut whole or in part; '' where the prompt fits. One tokenizer answers for both encoders: SDXL's two
+        tokenizers share one BPE vocabulary and differ only in the padding token."""
+        tokenizer = self.models.tokenizer
+        limit = tokenizer.model_max_length
+        dropped = []
+        for ids in tokenizer(list(prompts)).input_ids:
+            start = limit - 1  # ids[1 : limit - 1] are encoded, then the end token
+            if len(ids) <= limit:
+                dropped.append("")
+                continue
+            tokens = tokenizer.convert_ids_to_tokens(ids)
+            while start > 1 and not tokens[start - 1].endswith("</w>"):  # a word split by the cut counts as dropped
+                start -= 1
+            dropped.append(tokenizer.decode(ids[start:-1]))
+        return dropped
 
     def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
         """hidden_states[-2] of both encoders concatenated, and the bigG encoder's projected pooled output."""
@@ -102,19 +121,22 @@ class SDXLPipeline:
         story: StoryControl | None = None,
         seed: int = 0,
         on_step: StepCallback | None = None,
+        freeu: tuple[float, float, float, float] | None = None,
     ) -> Tensor:
         """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents. ``on_step(done, total)`` is
-        called after each step (front ends draw their progress from it)."""
+        called after each step (front ends draw their progress from it). ``freeu``: None (off) or (s1, s2, b1, b2),
+        as diffusers' ``unet.enable_freeu``."""
         sched = make_scheduler(scheduler, self.models.scheduler_config, steps)
         batch, _, h, w = noise.shape
         time_ids = self.time_ids(batch, h * self.vae_scale, w * self.vae_scale)
         latents = Tensor(noise) * float(sched.init_noise_sigma)
         generator = np.random.default_rng(seed + 1)  # ancestral samplers' noise, host-side
+        freeu = freeu_tensor(freeu)
         for i, t in enumerate(sched.timesteps):
             model_in = sched.scale_model_input(ms.ops.concat((latents, latents)), t).astype(self.dtype)
             timestep = Tensor(np.array([float(t)], np.float32))
             extra = story.inputs(i) if story is not None else None
-            pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra)
+            pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra, freeu)
             if story is not None:
                 story.collect(i)
             uncond, cond = ms.ops.split(pred.astype(ms.float32), batch, axis=0)

@@ -25,11 +25,12 @@ from PIL import Image
 
 from .. import checks
 from ..errors import StoryError
+from ..models.freeu import freeu_factors
 from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
 from ..story.grca import GlobalReference, ReferenceEncoder, round_scales
 from ..story.prompts import ADAPTER_STYLES, styled
-from .sdxl import SDXLPipeline
+from .sdxl import PromptEmbeds, SDXLPipeline
 
 NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 # run.py's DDIMScheduler(...) arguments; everything else is the scheduler's default ("leading" spacing, eta 0)
@@ -56,11 +57,13 @@ class StoryAdapterSettings:
     height: int = 1024
     width: int = 1024
     guidance_scale: float = 5.0
+    freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); the original has no FreeU
 
     def __post_init__(self):
         if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
             raise StoryError("prompts must be a list of panel prompts (text)")
         object.__setattr__(self, "prompts", tuple(self.prompts))
+        object.__setattr__(self, "freeu", freeu_factors(self.freeu))
         if not self.prompts or not any(p.strip() for p in self.prompts):
             raise StoryError("the story is empty: give at least one panel prompt")
         blank = [i for i, p in enumerate(self.prompts) if not p.strip()]
@@ -89,7 +92,8 @@ class StoryAdapterSettings:
         return round_scales(self.rounds)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "prompts": list(self.prompts)}
+        freeu = None if self.freeu is None else list(self.freeu)
+        return {**dataclasses.asdict(self), "prompts": list(self.prompts), "freeu": freeu}  # as JSON reads it back
 
 
 class StoryAdapterPipeline:
@@ -101,6 +105,16 @@ class StoryAdapterPipeline:
         self.references = ReferenceEncoder(ip.image_encoder, ip.ip_adapter, mode)
         self.mode = mode
         self.fingerprints = {"base_model": models.fingerprint, "ip_adapter_and_image_encoder": ip.fingerprint}
+        self._embeds: dict[str, PromptEmbeds] = {}
+
+    def embeds(self, prompt: str, settings: StoryAdapterSettings) -> PromptEmbeds:
+        """The (negative, prompt) conditioning, encoded once per run: every round reuses it, the text being the
+        same. The cache holds only the prompts of ``settings``, so a long-lived pipeline (the demo) stays small."""
+        if prompt not in self._embeds:
+            keep = set(settings.model_prompts)
+            self._embeds = {p: e for p, e in self._embeds.items() if p in keep}
+            self._embeds[prompt] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT])
+        return self._embeds[prompt]
 
     def noise(self, settings: StoryAdapterSettings) -> np.ndarray:
         """The one initial noise of a run: every panel of every round starts from it."""
@@ -110,7 +124,7 @@ class StoryAdapterPipeline:
         self, prompt: str, noise: np.ndarray, settings: StoryAdapterSettings, reference: GlobalReference | None = None
     ) -> Tensor:
         """One panel (the styled prompt), text only (``reference=None``, round 0) or with the round's references."""
-        embeds = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT])
+        embeds = self.embeds(prompt, settings)
         return self.sdxl.denoise(
             noise,
             embeds,
@@ -119,6 +133,7 @@ class StoryAdapterPipeline:
             "ddim",
             story=reference,
             seed=settings.seed,
+            freeu=settings.freeu,
         )
 
     def panel(

@@ -17,6 +17,7 @@ from PIL import Image
 
 from .. import checks
 from ..errors import StoryError
+from ..models.freeu import APP_FREEU, freeu_factors
 from ..models.unet import up_level_tokens
 from ..pretrained import SDXLModels
 from ..story.consistent import install
@@ -49,8 +50,10 @@ class StoryDiffusionSettings:
     scheduler: str = "ddim"
     window: int | None = None  # id panels per write batch (None: all id panels of a character at once)
     read_batch: int = 1  # later panels per batch
+    freeu: tuple[float, float, float, float] | None = APP_FREEU  # (s1, s2, b1, b2) or None; the app's by default
 
     def __post_init__(self):
+        object.__setattr__(self, "freeu", freeu_factors(self.freeu))  # 'off', 's1,s2,b1,b2' or four numbers
         height, width = checks.image_size(self.height, self.width)
         values = {
             "height": height,
@@ -71,7 +74,7 @@ class StoryDiffusionSettings:
             object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "freeu": None if self.freeu is None else list(self.freeu)}  # as JSON reads it back
 
 
 PanelCallback = Callable[[int, Image.Image], None]
@@ -94,6 +97,16 @@ class StoryDiffusionPipeline:
     def prompts(self, story: Story, settings: StoryDiffusionSettings) -> tuple[list[str], list[str]]:
         styled = [apply_style(settings.style_name, p.prompt, settings.negative_prompt) for p in story.panels]
         return [p for p, _ in styled], [n for _, n in styled]
+
+    def truncation(self, story: Story, settings: StoryDiffusionSettings) -> dict[int, dict[str, str]]:
+        """The panels whose styled prompt or negative prompt passes CLIP's 77 tokens: {panel: {"prompt": dropped
+        text, "negative_prompt": dropped text}}, each key only where something is dropped."""
+        cut: dict[int, dict[str, str]] = {}
+        for key, texts in zip(("prompt", "negative_prompt"), self.prompts(story, settings)):
+            for i, text in enumerate(self.sdxl.dropped_text(texts)):
+                if text:
+                    cut.setdefault(i, {})[key] = text
+        return cut
 
     def _run(
         self,
@@ -130,6 +143,7 @@ class StoryDiffusionPipeline:
             story=phase,
             seed=settings.seed + phase_seed,
             on_step=on_step,
+            freeu=settings.freeu,
         )
         return self.sdxl.decode(latents)
 

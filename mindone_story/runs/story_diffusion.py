@@ -55,6 +55,7 @@ class StoryRun:
 
 def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
     positive, negative = pipe.prompts(story, settings)
+    cut = pipe.truncation(story, settings)
     return {
         "characters": {c.name: c.description for c in story.characters},
         "id_length": story.id_length,
@@ -68,6 +69,7 @@ def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
                 "caption": p.caption,
                 "characters": list(p.characters),
                 "noise_seed": [settings.seed, i],
+                "dropped": cut.get(i, {}),  # text past CLIP's 77 tokens, not seen by the model
             }
             for i, p in enumerate(story.panels)
         ],
