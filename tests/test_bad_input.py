@@ -157,7 +157,7 @@ def test_failed_writes_leave_no_temporary_file(tmp_path, monkeypatch):
 # -- 5. records read back: validated, with the file and the field named -----------------------------------------
 def _adapter_record(folder: Path, **changes) -> Path:
     settings = {"prompts": ["a cat"], "style": "comic", "seed": 1, "rounds": 1, "steps": 1, "height": 64, "width": 64}
-    settings["guidance_scale"] = 5.0
+    settings |= {"guidance_scale": 5.0, "freeu": None}
     record = RunRecord("Story-Adapter", settings, {"base_model_path": "tiny"}, {}, {"round": 0, "panels": 0})
     record.progress["done"] = False
     raw = record.to_dict()

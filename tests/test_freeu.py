@@ -69,7 +69,7 @@ def test_pipeline_with_freeu_matches_diffusers(io, ref):
     """SDXLPipeline.denoise(freeu=...) against StableDiffusionXLPipeline after unet.enable_freeu (DDIM, 3 steps)."""
     pipe = SDXLPipeline(load_sdxl(TINY_SDXL), mode="pynative")
     embeds = pipe.encode_prompts(["a man with a black suit"], ["blurry"])
-    latents = pipe.denoise(io["pipe.latents"], embeds, 3, 5.0, "ddim", progress=False, freeu=APP_FREEU)
+    latents = pipe.denoise(io["pipe.latents"], embeds, 3, 5.0, "ddim", freeu=APP_FREEU)
     assert rel_err(pipe.decode_array(latents), ref["pipe.image"]) < 1e-4
 
 

@@ -167,7 +167,7 @@ def test_existing_run_and_clashing_resume(capsys, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     settings = {"prompts": ["a cat"], "style": "comic", "seed": 3, "rounds": 1, "steps": 2, "height": 64, "width": 64}
-    settings["guidance_scale"] = 5.0
+    settings |= {"guidance_scale": 5.0, "freeu": None}
     progress = {"round": 0, "panels": 0, "done": False}
     RunRecord("Story-Adapter", settings, {"base_model_path": "tiny"}, {}, progress).save(out)
     assert "holds a Story-Adapter run" in fails(capsys, "--output_dir", str(out), "--story", "a cat")
