@@ -21,6 +21,7 @@ import mindspore as ms
 import numpy as np
 
 from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
+from .layers import compute_dtype
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from .models.ip_adapter import IPAdapter
 from .models.load import load_state, parameter_shapes
@@ -81,9 +82,11 @@ def _tokenizer(folder: Path):
 def load_sdxl(path: str | os.PathLike, dtype: ms.Type | None = None) -> SDXLModels:
     """Load SDXL from a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
     scheduler/) or a single checkpoint file (tokenizers from ``tokenizer``/``tokenizer_2`` folders beside it).
-    The UNet and text encoders take ``dtype``; the VAE stays fp32 (the SDXL VAE overflows in fp16)."""
+    The UNet and text encoders take ``dtype`` (default: the device's, fp16 on Ascend and fp32 on CPU); the VAE stays
+    fp32 (the SDXL VAE overflows in fp16)."""
     from .weights import read_sdxl
 
+    dtype = compute_dtype(dtype)
     checkpoint = read_sdxl(path)
     models, ignored = {}, {}
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
@@ -147,11 +150,12 @@ def load_ip_adapter(
     path: str | os.PathLike, unet_config: Any, image_encoder_config: Any = None, dtype: ms.Type | None = None
 ) -> IPAdapter:
     """An IP-Adapter file (.bin or .safetensors, IP-Adapter's or diffusers' layout), checked against the UNet
-    config and, if given, the image encoder's config before any weight is read."""
+    config and, if given, the image encoder's config before any weight is read. ``dtype``: as :func:`load_sdxl`."""
     from .weights import read_ip_adapter
     from .weights import shapes as S
     from .weights.layouts import _files_of
 
+    dtype = compute_dtype(dtype)
     if not Path(path).exists():
         raise FileNotFoundError(f"IP-Adapter not found: {path}")
     weights = read_ip_adapter(path, unet_config, image_encoder_config)
@@ -167,10 +171,12 @@ def load_ip_adapter_models(
     ip_ckpt: str | os.PathLike, image_encoder_path: str | os.PathLike, unet_config: Any, dtype: ms.Type | None = None
 ) -> IPAdapterModels:
     """An IP-Adapter and its CLIP image encoder (a transformers folder or file), checked against each other and
-    against the UNet: a ViT-H encoder with a bigG adapter, or an SD1.5 adapter, is a LayoutError that says so."""
+    against the UNet: a ViT-H encoder with a bigG adapter, or an SD1.5 adapter, is a LayoutError that says so.
+    ``dtype``: as :func:`load_sdxl`, for both."""
     from .weights import read_image_encoder
     from .weights.layouts import SDXLCheckpoint, _files_of
 
+    dtype = compute_dtype(dtype)
     if not Path(image_encoder_path).exists():
         raise FileNotFoundError(f"image encoder not found: {image_encoder_path}")
     encoder_weights = read_image_encoder(image_encoder_path)
