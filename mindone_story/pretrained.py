@@ -212,25 +212,25 @@ def random_weights(shapes: Mapping[str, tuple[int, ...]], seed_text: str) -> dic
 TINY_IP_ADAPTER = "ip-adapter_sdxl.safetensors"
 
 
-def tiny_ip_adapter_weights(folder: Path) -> dict[str, np.ndarray]:
+def tiny_ip_adapter_weights(folder: Path, plus: bool = False) -> dict[str, np.ndarray]:
     """An ip-adapter_sdxl for the tiny UNet and image encoder in IP-Adapter's own flat layout: ``image_proj.*``
-    (ImageProjModel, 4 tokens) and ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the k-th attn2 module."""
+    (ImageProjModel, 4 tokens; or with ``plus`` a one-layer Resampler of 4 queries and one 64-wide head, as
+    ip-adapter-plus) and ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the k-th attn2 module."""
     from .weights import shapes as S
 
     unet = json.loads((folder / "unet" / "config.json").read_text())
     encoder = json.loads((folder / "image_encoder" / "config.json").read_text())
-    info = {
-        "kind": "image_proj_model",
-        "num_tokens": 4,
-        "clip_dim": encoder["projection_dim"],
-        "cross_attention_dim": unet["cross_attention_dim"],
-    }
+    ctx = unet["cross_attention_dim"]
+    info = {"kind": "image_proj_model", "num_tokens": 4, "clip_dim": encoder["projection_dim"]}
+    if plus:
+        info = {"kind": "resampler", "dim": 32, "depth": 1, "inner_dim": 64, "num_queries": 4, "ff_mult": 2}
+        info["embedding_dim"] = encoder["hidden_size"]
     index = {m: 2 * k + 1 for k, (m, _) in enumerate(S.ip_adapter_modules(unet))}
     shapes = {}
-    for key, shape in S.ip_adapter_shapes(unet, info).items():
+    for key, shape in S.ip_adapter_shapes(unet, {**info, "cross_attention_dim": ctx}).items():
         module, _, rest = key.rpartition(".to_")
         shapes[key if key.startswith("image_proj.") else f"ip_adapter.{index[module]}.to_{rest}"] = shape
-    return random_weights(shapes, f"tiny-v{TINY_VERSION}:ip_adapter")
+    return random_weights(shapes, f"tiny-v{TINY_VERSION}:ip_adapter" + ("_plus" if plus else ""))
 
 
 def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
