@@ -468,7 +468,7 @@ class FlashAttention(nn.Cell):
         if mask is not None:
             # the kernel's mask is boolean, 1 = drop; the smallest shape it takes: [Sq, Sk], else [B, 1, Sq, Sk]
             shape = (q.shape[2], k.shape[2]) if mask.ndim == 2 else (q.shape[0], 1, q.shape[2], k.shape[2])
-            drop = (ops.broadcast_to(mask, shape) < -1.0).astype(ms.uint8)
+            drop = ops.broadcast_to((mask < -1.0).astype(ms.uint8), shape)  # compared before broadcasting
         return self.flash(
             query=q,
             key=k,
