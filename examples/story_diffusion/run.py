@@ -75,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, fp16 on Ascend"
     )
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend"])
+    p.add_argument("--device", default=None, choices=["CPU", "Ascend", "Ascend-emulated"])
+    p.add_argument("--attention", default=None, choices=["math", "flash"], help="default: flash on Ascend, math on CPU")
     p.add_argument("--local_files_only", action="store_true", help="accepted for compatibility: nothing is downloaded")
     return p.parse_args(argv)
 
@@ -106,22 +107,21 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import mindspore as ms
 
-    from mindone_story.layers import set_device
+    from mindone_story.layers import backend, compute_dtype, set_device
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
-    if args.device:
-        set_device(args.device)
+    if args.device or args.attention:
+        set_device(args.device or backend().device, args.attention)
     ms.runtime.launch_blocking()
     tiny = args.sd_model_name == "tiny" and not args.model_path
     args.height = args.height or (128 if tiny else 768)
     args.width = args.width or (128 if tiny else 768)
     args.sampling_steps = args.sampling_steps or (4 if tiny else 50)
     args.font_size = args.font_size or max(8, round(DEFAULT_FONT_SIZE * args.width / 768))
-    if args.dtype == "bf16" and args.device != "Ascend" and ms.get_context("device_target") != "Ascend":
-        raise SystemExit("error: bf16 has no CPU kernels; use --dtype fp32 (the CPU default) or run on Ascend")
     if args.style_name not in STYLE_NAMES:
         raise SystemExit(f"error: unknown style {args.style_name!r}; choose one of {STYLE_NAMES}")
     try:
+        compute_dtype(dtype_of(args.dtype))  # a dtype the device cannot run fails here, before any work
         story = build_story(args.general_prompt, args.story, args.id_length)
         settings = StorySettings(
             args.height,
