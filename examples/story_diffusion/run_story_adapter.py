@@ -50,7 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_dir", default="outputs/story_adapter")
     p.add_argument("--resume", action="store_true", help="continue the run recorded in output_dir/story.json")
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend", "Ascend-emulated"], help="default: MindSpore's default device")
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=["CPU", "Ascend", "Ascend-emulated"],
+        help="default: MindSpore's default device",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

@@ -32,7 +32,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend", "Ascend-emulated"], help="default: MindSpore's default device")
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=["CPU", "Ascend", "Ascend-emulated"],
+        help="default: MindSpore's default device",
+    )
     p.add_argument("--output_dir", default="outputs/txt2img")
     return p.parse_args(argv)
 
