@@ -1,15 +1,25 @@
 """The device shim: every kernel choice that depends on the device lives here and nowhere else.
 
-On CPU, many ``mint`` ops have no kernel (Conv2d, LayerNorm, gelu, ...) and ``mint.nn.Linear`` runs at half the speed
-of MatMul + BiasAdd, so the CPU path uses the legacy ``ops`` primitives and, for convolutions, norms and activations,
-the fused kernels of ``cpu_kernels`` (falling back to composed ``ops`` where no compiler is available). On Ascend
-the ``mint`` kernels and the fused FlashAttentionScore are used. Parameter names are ``weight``/``bias`` so that model attribute paths equal the
-diffusers / transformers checkpoint keys.
+The device is chosen once (:func:`set_device`), and each cell binds its implementation when it is built:
+
+- ``ascend``: the ``mint`` kernels and FlashAttentionScore (:data:`ASCEND_CALLS`). Under the *emulated* Ascend
+  backend ("Ascend-emulated", for tests on CPU) the same branch runs with each of those calls replaced by
+  :mod:`.emulated_ascend`, which first asserts the kernel's documented contract and then computes a CPU reference.
+- ``fused``: CPU with the fp32 kernels of ``cpu_kernels`` (many ``mint`` ops have no CPU kernel and
+  ``mint.nn.Linear`` runs at half the speed of MatMul + BiasAdd there). Cells given other dtypes take ``composed``.
+- ``composed``: CPU with legacy ``ops`` only (no C++ compiler, or fp16 on CPU).
+
+A cell's ``impl`` is one bound method, so graph mode inlines it; the remaining tests in ``construct`` are plain dtype
+and shape comparisons, which fold at compile time. The attention kernel is a visible switch, ``"math"`` or
+``"flash"`` (default: flash on Ascend, math on CPU). Parameter names are ``weight``/``bias`` so that model attribute
+paths equal the diffusers / transformers checkpoint keys.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
@@ -18,19 +28,71 @@ from mindspore.common.initializer import initializer
 
 from . import cpu_kernels
 
-_ON_ASCEND = ms.get_context("device_target") == "Ascend"
+DEVICES = ("CPU", "Ascend", "Ascend-emulated")
+ATTENTION = ("math", "flash")
+
+# The Ascend-only calls of the ``ascend`` branch, by the name the emulation uses. Cells call them with keywords
+# only; tests/test_ascend.py checks that each exists in the installed MindSpore and takes every keyword passed.
+ASCEND_CALLS = {
+    "linear": mint.nn.functional.linear,
+    "conv2d": mint.nn.functional.conv2d,
+    "pad": mint.nn.functional.pad,
+    "group_norm": mint.nn.functional.group_norm,
+    "layer_norm": mint.nn.functional.layer_norm,
+    "flash_attention_score": ops.flash_attention_score,
+}
 
 
-def set_device(target: str) -> None:
-    """Choose the device ("CPU" or "Ascend") before building models; the kernels are picked when cells are built
-    and, for the attention function, when graphs compile."""
-    global _ON_ASCEND
-    ms.set_context(device_target=target)
-    _ON_ASCEND = target == "Ascend"
+class DeviceDtypeError(ValueError):
+    """A dtype the chosen device (or attention kernel) cannot run."""
 
 
-def on_ascend() -> bool:
-    return _ON_ASCEND
+@dataclass(frozen=True)
+class Backend:
+    device: str  # one of DEVICES
+    attention: str  # one of ATTENTION
+
+    @property
+    def ascend(self) -> bool:
+        """Whether cells take the Ascend branch (on an NPU, or emulated on CPU)."""
+        return self.device != "CPU"
+
+    def call(self, name: str):
+        """The Ascend-only function ``name``: MindSpore's on an NPU, the contract-checking reference if emulated."""
+        if self.device == "Ascend-emulated":
+            from . import emulated_ascend
+
+            return getattr(emulated_ascend, name)
+        return ASCEND_CALLS[name]
+
+
+_backend: Backend | None = None
+
+
+def set_device(device: str, attention: str | None = None) -> Backend:
+    """Choose the device (one of :data:`DEVICES`) and the attention kernel ("math" or "flash"; default flash on
+    Ascend, math on CPU) before building models: cells bind their kernels when they are built."""
+    global _backend
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose one of {', '.join(DEVICES)}")
+    attention = attention or ("flash" if device != "CPU" else "math")
+    if attention not in ATTENTION:
+        raise ValueError(f"unknown attention kernel {attention!r}; choose one of {', '.join(ATTENTION)}")
+    if attention == "flash" and device == "CPU":
+        raise ValueError("FlashAttentionScore runs only on Ascend: on CPU use the math attention")
+    ms.set_context(device_target="CPU" if device == "Ascend-emulated" else device)
+    _backend = Backend(device, attention)
+    return _backend
+
+
+def backend() -> Backend:
+    """The chosen backend; until :func:`set_device` is called, MindSpore's device target, or the emulated Ascend
+    backend if the environment sets ``MINDONE_STORY_BACKEND=ascend-emulated``."""
+    if _backend is None:
+        if os.environ.get("MINDONE_STORY_BACKEND", "").lower() == "ascend-emulated":
+            return set_device("Ascend-emulated")
+        return set_device("Ascend" if ms.get_context("device_target") == "Ascend" else "CPU")
+    return _backend
 
 
 def fused_cpu() -> bool:
@@ -38,12 +100,35 @@ def fused_cpu() -> bool:
     The kernels are fp32-only: cells given other dtypes (fp16 on CPU, if asked for) take the composed path. The
     dtype tests in ``construct`` are plain comparisons, which graph mode folds; a helper taking ``*tensors`` there
     made every call site a closure and the SDXL UNet's common-subexpression pass ran for minutes."""
-    return not _ON_ASCEND and cpu_kernels.library() is not None
+    return not backend().ascend and cpu_kernels.library() is not None
+
+
+def _kind() -> str:
+    return "ascend" if backend().ascend else "fused" if fused_cpu() else "composed"
 
 
 def default_dtype() -> ms.Type:
-    """fp32 on CPU (bf16 has no CPU kernels, fp16 is no faster there); fp16 on Ascend."""
-    return ms.float16 if on_ascend() else ms.float32
+    """fp16 on Ascend (FlashAttentionScore takes fp16 and bf16 only); fp32 on CPU (bf16 has no CPU kernels, fp16 is
+    no faster there)."""
+    return ms.float16 if backend().ascend else ms.float32
+
+
+def compute_dtype(dtype: ms.Type | None = None) -> ms.Type:
+    """The dtype the UNet and the encoders run in: ``dtype`` if the device runs it, else the device's default.
+    Every loader resolves its dtype here, so a bad pair fails before any weight is read."""
+    b = backend()
+    if dtype is None:
+        return default_dtype()
+    if dtype == ms.bfloat16 and b.device == "CPU":
+        raise DeviceDtypeError("bf16 has no MindSpore CPU kernels: on CPU use fp32 (the default) or fp16")
+    if dtype == ms.float32 and b.attention == "flash":
+        raise DeviceDtypeError(
+            f"FlashAttentionScore takes fp16 or bf16, not fp32: on {b.device} use fp16 (the default) or bf16, "
+            "or choose the math attention for fp32"
+        )
+    if dtype not in (ms.float32, ms.float16, ms.bfloat16):
+        raise DeviceDtypeError(f"unsupported compute dtype {dtype} on {b.device}: use fp16, bf16 or fp32")
+    return dtype
 
 
 def _zeros(*shape: int) -> Parameter:
@@ -57,8 +142,9 @@ def _ones(*shape: int) -> Parameter:
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b on inputs of any rank. On CPU the fused ``linear`` kernel, or MatMul + BiasAdd on 2-D views
-    (twice mint.nn.Linear's speed there)."""
+    """y = x W^T + b on inputs of any rank. Ascend: ``mint`` linear. CPU: the fused ``linear`` kernel (oneDNN SGEMM
+    split across threads, 1.5-2.5x MatMul + BiasAdd at the UNet's sizes), or MatMul + BiasAdd on 2-D views (twice
+    mint.nn.Linear's speed there)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
@@ -67,15 +153,26 @@ class Linear(nn.Cell):
         self.bias = _zeros(out_features) if bias else None
         self.has_bias = bias
         self.matmul = ops.MatMul(transpose_b=True)
-        self.ascend = on_ascend()
-        # oneDNN SGEMM split across threads: 1.5-2.5x faster than MatMul + BiasAdd at the UNet's sizes
-        self.fused = cpu_kernels.op("linear", lambda x, w, *b: x[:-1] + [w[0]]) if fused_cpu() else None
+        self.fused = None
+        kind = _kind()
+        if kind == "ascend":
+            self.linear = backend().call("linear")
+        elif kind == "fused":
+            self.fused = cpu_kernels.op("linear", lambda x, w, *b: x[:-1] + [w[0]])
+        self.impl = {"ascend": self._ascend, "fused": self._fused, "composed": self._composed}[kind]
 
     def construct(self, x: Tensor) -> Tensor:
-        if self.ascend:
-            return mint.nn.functional.linear(x, self.weight, self.bias)
-        if self.fused is not None and x.dtype == self.weight.dtype == ms.float32:
+        return self.impl(x)
+
+    def _ascend(self, x: Tensor) -> Tensor:
+        return self.linear(input=x, weight=self.weight, bias=self.bias)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == ms.float32:
             return self.fused(x, self.weight, self.bias) if self.has_bias else self.fused(x, self.weight)
+        return self._composed(x)
+
+    def _composed(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         y = self.matmul(x.reshape(-1, self.in_features), self.weight)
         if self.has_bias:
@@ -85,7 +182,8 @@ class Linear(nn.Cell):
 
 class Conv2d(nn.Cell):
     """NCHW convolution. ``padding`` is an int or (top, bottom, left, right), which also covers the VAE's
-    asymmetric pad-then-stride-2 downsampling without a separate pad op (ConstantPadND has no CPU kernel).
+    asymmetric pad-then-stride-2 downsampling (on Ascend a ``mint`` pad before the convolution; on CPU inside the
+    convolution, as ConstantPadND has no CPU kernel).
 
     On CPU the convolution is one MatMul over an im2col: on AVX-512 CPUs oneDNN runs MindSpore's plain-layout Conv2D
     on a reference kernel, 100x slower than PyTorch. That is the fused ``conv2d`` kernel (im2col + oneDNN SGEMM) or,
@@ -99,9 +197,11 @@ class Conv2d(nn.Cell):
         self.has_bias = bias
         self.pad = (padding,) * 4 if isinstance(padding, int) else tuple(padding)
         self.kernel_size, self.stride = kernel_size, stride
-        self.ascend = on_ascend()
         self.fused = None
-        if fused_cpu():
+        kind = _kind()
+        if kind == "ascend":
+            self.conv2d, self.pad_call = backend().call("conv2d"), backend().call("pad")
+        elif kind == "fused":
             top, bottom, left, right = self.pad
             # the spec tensor carries stride and padding to the kernel; the tag keeps PyNative's shape cache apart
             self.spec = Tensor(np.array([stride, top, bottom, left, right], np.int64))
@@ -115,18 +215,27 @@ class Conv2d(nn.Cell):
                 ],
                 tag=f"conv2d{(stride,) + self.pad}",
             )
+        self.impl = {"ascend": self._ascend, "fused": self._fused, "composed": self._composed}[kind]
 
     def construct(self, x: Tensor) -> Tensor:
-        pad = self.pad
-        if self.ascend:
-            if not pad[0] == pad[1] == pad[2] == pad[3]:
-                x = _zero_pad(x, pad[0], pad[1], pad[2], pad[3])
-                pad = (0, 0, 0, 0)
-            return mint.nn.functional.conv2d(x, self.weight, self.bias, self.stride, pad[0])
-        if self.fused is not None and x.dtype == self.weight.dtype == ms.float32:
+        return self.impl(x)
+
+    def _ascend(self, x: Tensor) -> Tensor:
+        top, bottom, left, right = self.pad
+        padding = top
+        if not top == bottom == left == right:  # mint's conv2d pads symmetrically; the pad takes (left, right, ...)
+            x = self.pad_call(input=x, pad=(left, right, top, bottom), mode="constant", value=0.0)
+            padding = 0
+        return self.conv2d(input=x, weight=self.weight, bias=self.bias, stride=self.stride, padding=padding)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        if x.dtype == self.weight.dtype == ms.float32:
             bias = self.bias if self.has_bias else ops.zeros((self.weight.shape[0],), x.dtype)
             return self.fused(x, self.weight, bias, self.spec)
-        y = _conv_as_matmul(x, self.weight, self.stride, pad)
+        return self._composed(x)
+
+    def _composed(self, x: Tensor) -> Tensor:
+        y = _conv_as_matmul(x, self.weight, self.stride, self.pad)
         if self.has_bias:
             y = ops.bias_add(y, self.bias)
         return y
@@ -189,8 +298,9 @@ def _conv_as_matmul(x: Tensor, weight: Tensor, stride: int, pad: tuple) -> Tenso
 
 
 class GroupNorm(nn.Cell):
-    """GroupNorm over NCHW (or NC...) inputs, computed in fp32; ``silu=True`` applies SiLU to the result (fused on
-    CPU, where the pair as composed ops costs ~40x PyTorch's time)."""
+    """GroupNorm over NCHW (or NC...) inputs; ``silu=True`` applies SiLU to the result. Ascend: ``mint`` group_norm.
+    CPU: computed in fp32, fused with the SiLU where the kernels are available (as composed ops the pair costs
+    ~40x PyTorch's time)."""
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, silu: bool = False):
         super().__init__()
@@ -198,19 +308,33 @@ class GroupNorm(nn.Cell):
         self.weight = _ones(num_channels)
         self.bias = _zeros(num_channels)
         self.fused = None
-        if fused_cpu():
+        kind = _kind()
+        if kind == "ascend":
+            self.group_norm = backend().call("group_norm")
+        elif kind == "fused":
             self.fused = cpu_kernels.op("group_norm_silu" if silu else "group_norm", lambda x, *_: x)
             self.eps_tensor = Tensor([eps], ms.float32)
+        self.impl = {"ascend": self._ascend, "fused": self._fused, "composed": self._composed}[kind]
 
     def construct(self, x: Tensor) -> Tensor:
-        shape, dtype = x.shape, x.dtype
-        g = self.num_groups
-        if self.fused is not None and self.weight.dtype == self.bias.dtype == ms.float32:
+        return self.impl(x)
+
+    def _ascend(self, x: Tensor) -> Tensor:
+        h = self.group_norm(input=x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps)
+        return ops.silu(h) if self.silu else h
+
+    def _fused(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == self.bias.dtype == ms.float32:
+            shape, dtype, g = x.shape, x.dtype, self.num_groups
             # the kernel reads the group count from the shape [B, G, C/G, spatial]
             h = x.astype(ms.float32).reshape(shape[0], g, shape[1] // g, -1)
             w, b = self.weight.reshape(g, -1), self.bias.reshape(g, -1)
             return self.fused(h, w, b, self.eps_tensor).reshape(shape).astype(dtype)
-        h = x.astype(ms.float32).reshape(shape[0], g, -1)
+        return self._composed(x)
+
+    def _composed(self, x: Tensor) -> Tensor:
+        shape, dtype = x.shape, x.dtype
+        h = x.astype(ms.float32).reshape(shape[0], self.num_groups, -1)
         mean = h.mean(-1, keep_dims=True)
         var = ops.square(h - mean).mean(-1, keep_dims=True)
         h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape[0], shape[1], -1)
@@ -222,24 +346,37 @@ class GroupNorm(nn.Cell):
 
 
 class LayerNorm(nn.Cell):
-    """LayerNorm over the last axis, computed in fp32 (LayerNormExt has no CPU kernel; the legacy primitive does,
-    at 15-25x PyTorch's time, so the fused kernel is used where available)."""
+    """LayerNorm over the last axis. Ascend: ``mint`` layer_norm. CPU: computed in fp32 (LayerNormExt has no CPU
+    kernel; the legacy primitive does, at 15-25x PyTorch's time, so the fused kernel is used where available)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
+        self.dim, self.eps = dim, eps
         self.weight = _ones(dim)
         self.bias = _zeros(dim)
         self.norm = ops.LayerNorm(-1, -1, eps)
         self.fused = None
-        if fused_cpu():
+        kind = _kind()
+        if kind == "ascend":
+            self.layer_norm = backend().call("layer_norm")
+        elif kind == "fused":
             self.fused = cpu_kernels.op("layer_norm", lambda x, *_: x)
             self.eps_tensor = Tensor([eps], ms.float32)
+        self.impl = {"ascend": self._ascend, "fused": self._fused, "composed": self._composed}[kind]
 
     def construct(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        if self.fused is not None and self.weight.dtype == self.bias.dtype == ms.float32:
-            return self.fused(x.astype(ms.float32), self.weight, self.bias, self.eps_tensor).astype(dtype)
-        return self.norm(x.astype(ms.float32), self.weight, self.bias)[0].astype(dtype)
+        return self.impl(x)
+
+    def _ascend(self, x: Tensor) -> Tensor:
+        return self.layer_norm(input=x, normalized_shape=(self.dim,), weight=self.weight, bias=self.bias, eps=self.eps)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        if self.weight.dtype == self.bias.dtype == ms.float32:
+            return self.fused(x.astype(ms.float32), self.weight, self.bias, self.eps_tensor).astype(x.dtype)
+        return self._composed(x)
+
+    def _composed(self, x: Tensor) -> Tensor:
+        return self.norm(x.astype(ms.float32), self.weight, self.bias)[0].astype(x.dtype)
 
 
 class Embedding(nn.Cell):
@@ -256,7 +393,7 @@ class GELU(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.fused = cpu_kernels.op("gelu", lambda x: x) if fused_cpu() else None
+        self.fused = cpu_kernels.op("gelu", lambda x: x) if _kind() == "fused" else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.fused is not None and x.dtype == ms.float32:
@@ -270,7 +407,7 @@ class GatedGELU(nn.Cell):
     def __init__(self):
         super().__init__()
         self.gelu = GELU()
-        self.fused = cpu_kernels.op("geglu", lambda x: x[:-1] + [x[-1] // 2]) if fused_cpu() else None
+        self.fused = cpu_kernels.op("geglu", lambda x: x[:-1] + [x[-1] // 2]) if _kind() == "fused" else None
 
     def construct(self, x: Tensor) -> Tensor:
         if self.fused is not None and x.dtype == ms.float32:
@@ -298,30 +435,54 @@ def sinusoidal_frequencies(dim: int, max_period: float = 10000.0, shift: float =
     return Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / (half - shift)))
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """The one attention function: softmax(q k^T / sqrt(d) + mask) v on [batch, heads, seq, head_dim] tensors.
-
-    ``mask`` is additive (0 to keep, a large negative number to drop) and broadcasts to [B, H, Sq, Sk]. The softmax
-    runs in fp32. On Ascend this is one FlashAttentionScore call.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    if _ON_ASCEND:
-        return _flash_attention(q, k, v, mask, scale)
-    scores = ops.BatchMatMul(transpose_b=True)(q * scale, k)
+# -- attention ----------------------------------------------------------------------------------------------------
+# Both kernels compute softmax(q k^T / sqrt(d) + mask) v on [batch, heads, seq, head_dim] tensors. ``mask`` is
+# additive (0 to keep, a large negative number to drop) and broadcasts to [B, H, Sq, Sk]; in practice it is
+# [B, 1, 1, Sk] (consistent attention) or [Sq, Sk] (CLIP's causal mask).
+def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    scores = ops.BatchMatMul(transpose_b=True)(q * (1.0 / math.sqrt(q.shape[-1])), k)
     if mask is not None:
         scores = scores + mask
-    probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)
+    probs = ops.softmax(scores.astype(ms.float32), -1).astype(v.dtype)  # the softmax runs in fp32
     return ops.BatchMatMul()(probs, v)
 
 
-def _flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    heads = q.shape[1]
-    drop = None
-    if mask is not None:
-        # FlashAttentionScore takes a boolean/uint8 mask where 1 means "masked out".
-        drop = ops.broadcast_to(mask, (q.shape[0], heads, q.shape[2], k.shape[2])) < -1.0
-        drop = drop.astype(ms.uint8)
-    return ops.flash_attention_score(q, k, v, heads, attn_mask=drop, scalar_value=scale, input_layout="BNSD")
+class MathAttention(nn.Cell):
+    def construct(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        return _math_attention(q, k, v, mask)
+
+
+class FlashAttention(nn.Cell):
+    """One FlashAttentionScore call where its contract admits the inputs (fp16/bf16, head size a multiple of 16 up
+    to 512), the math path elsewhere: the fp32 VAE, and head sizes such as CLIP ViT-bigG's 104."""
+
+    def __init__(self):
+        super().__init__()
+        self.flash = backend().call("flash_attention_score")
+
+    def construct(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        d = q.shape[-1]
+        if q.dtype == ms.float32 or d % 16 != 0 or d > 512:
+            return _math_attention(q, k, v, mask)
+        drop = None
+        if mask is not None:
+            # the kernel's mask is boolean, 1 = drop; the smallest shape it takes: [Sq, Sk], else [B, 1, Sq, Sk]
+            shape = (q.shape[2], k.shape[2]) if mask.ndim == 2 else (q.shape[0], 1, q.shape[2], k.shape[2])
+            drop = ops.broadcast_to((mask < -1.0).astype(ms.uint8), shape)  # compared before broadcasting
+        return self.flash(
+            query=q,
+            key=k,
+            value=v,
+            head_num=q.shape[1],
+            attn_mask=drop,
+            scalar_value=1.0 / math.sqrt(d),
+            input_layout="BNSD",
+        )
+
+
+def attention_kernel() -> nn.Cell:
+    """The attention cell of the chosen backend's attention switch (bound when the calling cell is built)."""
+    return FlashAttention() if backend().attention == "flash" else MathAttention()
 
 
 def split_heads(x: Tensor, heads: int) -> Tensor:

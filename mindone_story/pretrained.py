@@ -22,6 +22,7 @@ import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
 from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
+from .layers import compute_dtype
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from .models.ip_adapter import IPAdapter
 from .models.load import load_state, parameter_shapes
@@ -94,13 +95,15 @@ def load_sdxl(
 ) -> SDXLModels:
     """Load SDXL from a diffusers folder (unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
     scheduler/) or a single checkpoint file (tokenizers from ``tokenizer``/``tokenizer_2`` folders beside it).
-    The UNet and text encoders take ``dtype``; the VAE stays fp32 (the SDXL VAE overflows in fp16).
+    The UNet and text encoders take ``dtype`` (default: the device's, fp16 on Ascend and fp32 on CPU); the VAE stays
+    fp32 (the SDXL VAE overflows in fp16).
 
     ``loras``: (file, multiplier) pairs, fused into the weights as they load (weights/lora.py). Every file is
     mapped and checked before any weight is read; the fingerprint covers the LoRA files and their multipliers."""
     from .weights import read_sdxl
     from .weights.lora import fuse, read_lora
 
+    dtype = compute_dtype(dtype)
     checkpoint = read_sdxl(path)
     fused = [(read_lora(file, checkpoint.configs), float(scale)) for file, scale in loras]
     weights = fuse(checkpoint, fused)
@@ -175,11 +178,12 @@ def load_ip_adapter(
     path: str | os.PathLike, unet_config: Any, image_encoder_config: Any = None, dtype: ms.Type | None = None
 ) -> IPAdapter:
     """An IP-Adapter file (.bin or .safetensors, IP-Adapter's or diffusers' layout), checked against the UNet
-    config and, if given, the image encoder's config before any weight is read."""
+    config and, if given, the image encoder's config before any weight is read. ``dtype``: as :func:`load_sdxl`."""
     from .weights import read_ip_adapter
     from .weights import shapes as S
     from .weights.layouts import _files_of
 
+    dtype = compute_dtype(dtype)
     if not Path(path).exists():
         raise FileNotFoundError(f"IP-Adapter not found: {path}")
     weights = read_ip_adapter(path, unet_config, image_encoder_config)
@@ -195,10 +199,12 @@ def load_ip_adapter_models(
     ip_ckpt: str | os.PathLike, image_encoder_path: str | os.PathLike, unet_config: Any, dtype: ms.Type | None = None
 ) -> IPAdapterModels:
     """An IP-Adapter and its CLIP image encoder (a transformers folder or file), checked against each other and
-    against the UNet: a ViT-H encoder with a bigG adapter, or an SD1.5 adapter, is a LayoutError that says so."""
+    against the UNet: a ViT-H encoder with a bigG adapter, or an SD1.5 adapter, is a LayoutError that says so.
+    ``dtype``: as :func:`load_sdxl`, for both."""
     from .weights import read_image_encoder
     from .weights.layouts import SDXLCheckpoint, _files_of
 
+    dtype = compute_dtype(dtype)
     if not Path(image_encoder_path).exists():
         raise FileNotFoundError(f"image encoder not found: {image_encoder_path}")
     encoder_weights = read_image_encoder(image_encoder_path)
@@ -234,25 +240,25 @@ def random_weights(shapes: Mapping[str, tuple[int, ...]], seed_text: str) -> dic
 TINY_IP_ADAPTER = "ip-adapter_sdxl.safetensors"
 
 
-def tiny_ip_adapter_weights(folder: Path) -> dict[str, np.ndarray]:
+def tiny_ip_adapter_weights(folder: Path, plus: bool = False) -> dict[str, np.ndarray]:
     """An ip-adapter_sdxl for the tiny UNet and image encoder in IP-Adapter's own flat layout: ``image_proj.*``
-    (ImageProjModel, 4 tokens) and ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the k-th attn2 module."""
+    (ImageProjModel, 4 tokens; or with ``plus`` a one-layer Resampler of 4 queries and one 64-wide head, as
+    ip-adapter-plus) and ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the k-th attn2 module."""
     from .weights import shapes as S
 
     unet = json.loads((folder / "unet" / "config.json").read_text())
     encoder = json.loads((folder / "image_encoder" / "config.json").read_text())
-    info = {
-        "kind": "image_proj_model",
-        "num_tokens": 4,
-        "clip_dim": encoder["projection_dim"],
-        "cross_attention_dim": unet["cross_attention_dim"],
-    }
+    ctx = unet["cross_attention_dim"]
+    info = {"kind": "image_proj_model", "num_tokens": 4, "clip_dim": encoder["projection_dim"]}
+    if plus:
+        info = {"kind": "resampler", "dim": 32, "depth": 1, "inner_dim": 64, "num_queries": 4, "ff_mult": 2}
+        info["embedding_dim"] = encoder["hidden_size"]
     index = {m: 2 * k + 1 for k, (m, _) in enumerate(S.ip_adapter_modules(unet))}
     shapes = {}
-    for key, shape in S.ip_adapter_shapes(unet, info).items():
+    for key, shape in S.ip_adapter_shapes(unet, {**info, "cross_attention_dim": ctx}).items():
         module, _, rest = key.rpartition(".to_")
         shapes[key if key.startswith("image_proj.") else f"ip_adapter.{index[module]}.to_{rest}"] = shape
-    return random_weights(shapes, f"tiny-v{TINY_VERSION}:ip_adapter")
+    return random_weights(shapes, f"tiny-v{TINY_VERSION}:ip_adapter" + ("_plus" if plus else ""))
 
 
 def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:

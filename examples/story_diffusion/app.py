@@ -59,9 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ip_ckpt", default=None, help="Story-Adapter: ip-adapter_sdxl.bin / .safetensors")
     p.add_argument("--output_dir", default="outputs/app", help="one folder (and zip) per request under it")
     p.add_argument("--max_models", type=int, default=2, help="loaded pipelines kept in memory")
-    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU")
+    p.add_argument(
+        "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on Ascend, fp32 on CPU"
+    )
     p.add_argument("--mode", default="graph", choices=["graph", "pynative"])
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend"])
+    p.add_argument("--device", default=None, choices=["CPU", "Ascend", "Ascend-emulated"])
     return p.parse_args(argv)
 
 

@@ -27,7 +27,13 @@ def add_common(p: argparse.ArgumentParser, steps_help: str, size_help: str) -> N
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--guidance_scale", type=float, default=None, help="classifier-free guidance (default 5.0)")
     p.add_argument("--mode", type=mode, default="graph", help="graph (default, also 0) or pynative (also 1)")
-    p.add_argument("--device", default=None, choices=["CPU", "Ascend"], help="default: MindSpore's default device")
+    p.add_argument(
+        "--device",
+        default=None,
+        choices=["CPU", "Ascend", "Ascend-emulated"],  # layers.DEVICES (not imported here: --help stays fast)
+        help="default: MindSpore's default device; Ascend-emulated runs the Ascend branch on CPU with its contracts",
+    )
+    p.add_argument("--attention", default=None, choices=["math", "flash"], help="default: flash on Ascend, math on CPU")
     p.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, fp16 on Ascend"
     )
@@ -76,17 +82,14 @@ def add_output(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def setup(device: str | None, dtype: str | None):
-    """Set the device (before any model is built) and return the MindSpore dtype asked for (None: the device's
-    default); bf16 where it has no kernels is refused here, before any work."""
+def setup(device: str | None, dtype: str | None, attention: str | None = None):
+    """Set the backend (before any model is built) and return the MindSpore dtype to load in (the device's default
+    when none is asked for); a dtype the device cannot run is refused here, before any work."""
     import mindspore as ms
 
-    if device:
-        from mindone_story.layers import set_device
+    from mindone_story.layers import backend, compute_dtype, set_device
 
-        set_device(device)
+    if device or attention:
+        set_device(device or backend().device, attention)
     ms.runtime.launch_blocking()  # PyNative's async dispatch threads halve the speed on few cores
-    target = device or ms.get_context("device_target")
-    if dtype == "bf16" and target != "Ascend":
-        raise StoryError(f"bf16 has no kernels on {target}; use fp32 (the CPU default) or run on Ascend")
-    return {None: None, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype]
+    return compute_dtype({None: None, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype])

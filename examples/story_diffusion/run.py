@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     loras = check_loras(args.lora)
     out = Path(args.output_dir)
     files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
-    dtype = setup(args.device, args.dtype)
+    dtype = setup(args.device, args.dtype, args.attention)
 
     import mindspore as ms
     from tqdm.auto import tqdm

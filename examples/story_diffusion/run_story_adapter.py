@@ -136,7 +136,7 @@ def resolve(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     settings, paths = resolve(args)  # bad input fails here, before any model is loaded
     loras = check_loras(args.lora)
-    dtype = setup(args.device, args.dtype)
+    dtype = setup(args.device, args.dtype, args.attention)
 
     import mindspore as ms
     from tqdm.auto import tqdm

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.output_dir)
     files.check_writable(out)
-    dtype = setup(args.device, args.dtype)
+    dtype = setup(args.device, args.dtype, args.attention)
 
     from mindone_story.pipelines.sdxl import SDXLPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mindspore import Tensor, nn
 
-from ..layers import GatedGELU, GroupNorm, LayerNorm, Linear, attention, merge_heads, split_heads
+from ..layers import GatedGELU, GroupNorm, LayerNorm, Linear, attention_kernel, merge_heads, split_heads
 
 
 class Attention(nn.Cell):
@@ -34,6 +34,7 @@ class Attention(nn.Cell):
         self.to_k = Linear(context_dim, query_dim, bias=qkv_bias)
         self.to_v = Linear(context_dim, query_dim, bias=qkv_bias)
         self.to_out = nn.CellList([Linear(query_dim, query_dim)])
+        self.attention = attention_kernel()  # processors use it too
         self.processor = None
 
     def heads_qkv(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,12 +54,12 @@ class Attention(nn.Cell):
         if self.group_norm is not None:
             return self._spatial(x)
         context = x if context is None else context
-        return self.out(attention(*self.heads_qkv(x, context)))
+        return self.out(self.attention(*self.heads_qkv(x, context)))
 
     def _spatial(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         tokens = self.group_norm(x).reshape(b, c, h * w).transpose(0, 2, 1)
-        out = self.out(attention(*self.heads_qkv(tokens, tokens)))
+        out = self.out(self.attention(*self.heads_qkv(tokens, tokens)))
         return out.transpose(0, 2, 1).reshape(b, c, h, w) + x
 
 

@@ -13,7 +13,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import CLIPTextConfig, CLIPVisionConfig
-from ..layers import GELU, Conv2d, Embedding, LayerNorm, Linear, attention, merge_heads, quick_gelu, split_heads
+from ..layers import GELU, Conv2d, Embedding, LayerNorm, Linear, attention_kernel, merge_heads, quick_gelu, split_heads
 
 
 class CLIPAttention(nn.Cell):
@@ -24,10 +24,11 @@ class CLIPAttention(nn.Cell):
         self.k_proj = Linear(dim, dim)
         self.v_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
+        self.attention = attention_kernel()
 
     def construct(self, x: Tensor, mask: Tensor | None) -> Tensor:
         q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(merge_heads(attention(q, k, v, mask)))
+        return self.out_proj(merge_heads(self.attention(q, k, v, mask)))
 
 
 class CLIPMLP(nn.Cell):

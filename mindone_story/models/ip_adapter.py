@@ -18,7 +18,7 @@ from typing import Any
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..layers import GELU, LayerNorm, Linear, attention, split_heads
+from ..layers import GELU, LayerNorm, Linear, attention_kernel, split_heads
 
 
 class ImageProjModel(nn.Cell):
@@ -46,13 +46,14 @@ class PerceiverAttention(nn.Cell):
         self.to_q = Linear(dim, inner_dim, bias=False)
         self.to_kv = Linear(dim, 2 * inner_dim, bias=False)
         self.to_out = Linear(inner_dim, dim, bias=False)
+        self.attention = attention_kernel()
 
     def construct(self, x: Tensor, latents: Tensor) -> Tensor:
         x, latents = self.norm1(x), self.norm2(latents)
         q = self.to_q(latents)
         k, v = ops.split(self.to_kv(ops.concat((x, latents), 1)), self.to_q.out_features, axis=-1)
         # its q·d^-1/4 @ (k·d^-1/4)^T is softmax(q k^T / sqrt(d)): the one attention function
-        out = attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
+        out = self.attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
         b, h, s, d = out.shape
         return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, s, h * d))
 
@@ -178,7 +179,7 @@ class DecoupledCrossAttention(nn.Cell):
 
     def construct(self, attn, x: Tensor, context: Tensor, story) -> Tensor:
         q, k, v = attn.heads_qkv(x, context)
-        out = attention(q, k, v)
+        out = attn.attention(q, k, v)
         if story is None:
             return attn.out(out)
         scale, keys, values = story
@@ -188,7 +189,7 @@ class DecoupledCrossAttention(nn.Cell):
             shape = k_ip.shape[1:]
             k_ip = ops.broadcast_to(k_ip.reshape((2, 1) + shape), (2, batch // 2) + shape).reshape((batch,) + shape)
             v_ip = ops.broadcast_to(v_ip.reshape((2, 1) + shape), (2, batch // 2) + shape).reshape((batch,) + shape)
-        return attn.out(out + scale.astype(x.dtype) * attention(q, k_ip, v_ip))
+        return attn.out(out + scale.astype(x.dtype) * attn.attention(q, k_ip, v_ip))
 
 
 def attn2_modules(unet, modules: Sequence[str]) -> list:

@@ -54,6 +54,8 @@ def load_state(model: nn.Cell, state: Mapping[str, np.ndarray], source: str, dty
     ignored = check_state({k: tuple(p.shape) for k, p in params.items()}, _shapes(state), source)
     for name, param in params.items():
         target = dtype or param.dtype
+        if param.dtype != target:  # set_data casts new data to the Parameter's dtype: change that first
+            param.set_dtype(target)
         param.set_data(Tensor(np.ascontiguousarray(state[name]), dtype=ms.float32).astype(target))
     return ignored
 

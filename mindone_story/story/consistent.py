@@ -31,7 +31,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..layers import attention, split_heads
+from ..layers import split_heads
 
 NEG = -1e9
 LEVEL_NAMES = ("sa32", "sa64")
@@ -61,7 +61,7 @@ class ConsistentSelfAttention(nn.Cell):
 
     def construct(self, attn, x: Tensor, context, story) -> Tensor:
         if story is None:
-            return attn.out(attention(*attn.heads_qkv(x, x)))
+            return attn.out(attn.attention(*attn.heads_qkv(x, x)))
         gates, banks, index, valid, capture = story
         index, valid, bank = index[self.level], valid[self.level], banks[self.layer]
         batch, tokens, channels = x.shape
@@ -80,7 +80,7 @@ class ConsistentSelfAttention(nn.Cell):
         gate = gates[self.layer]  # 1 keeps the validity mask, 0 drops every gathered token
         gathered = ops.tile((valid * gate + NEG * (1.0 - gate)).astype(x.dtype), (2, 1))
         mask = ops.concat((gathered, ops.zeros((batch, tokens), x.dtype)), 1).reshape(batch, 1, 1, g + tokens)
-        out = attention(split_heads(q, heads), split_heads(keys, heads), split_heads(values, heads), mask)
+        out = attn.attention(split_heads(q, heads), split_heads(keys, heads), split_heads(values, heads), mask)
 
         sampled = ops.gather(x.reshape(2, n * tokens, channels), capture[self.level], 1)
         ops.assign(self.capture, sampled.astype(self.capture.dtype))
