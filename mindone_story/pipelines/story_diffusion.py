@@ -149,12 +149,12 @@ class StoryDiffusionPipeline:
 
     def check(self, story: Story, settings: StoryDiffusionSettings) -> None:
         """Refuse, before any work, a story whose largest batch cannot fit in the host's memory (CPU)."""
-        from ..layers import on_ascend
+        from ..layers import backend
 
         ids = [len(v) for v in story.id_panels.values()] + [0]
         batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
         unet, vae = self.unet.config, self.sdxl.models.vae.config
-        checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=not on_ascend())
+        checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=backend().attention == "math")
 
     def __call__(
         self,
