@@ -85,12 +85,16 @@ def check_pair(text_cfg: dict[str, Any], vision_cfg: dict[str, Any], where: str)
     """The pair's family name (or "custom"); a StoryError when the towers cannot be one CLIP model."""
     tp, vp = text_cfg.get("projection_dim"), vision_cfg.get("projection_dim")
     if tp != vp:
-        raise StoryError(f"{where}: the text encoder projects to {tp} and the image encoder to {vp}: not one CLIP model")
+        raise StoryError(
+            f"{where}: the text encoder projects to {tp} and the image encoder to {vp}: not one CLIP model"
+        )
     th, vh = text_cfg["hidden_size"], vision_cfg["hidden_size"]
     text_family = next((f for f, (t, _) in FAMILIES.items() if t == th), None)
     image_family = next((f for f, (_, v) in FAMILIES.items() if v == vh), None)
     if text_family and image_family and text_family != image_family:
-        raise StoryError(f"{where}: a {text_family} text encoder with a {image_family} image encoder: not one CLIP model")
+        raise StoryError(
+            f"{where}: a {text_family} text encoder with a {image_family} image encoder: not one CLIP model"
+        )
     return text_family or image_family or "custom"
 
 
@@ -283,7 +287,7 @@ def _notes(scores: dict[str, Any]) -> list[str]:
 
 
 # -- the heat map --------------------------------------------------------------------------------------------------
-CELL, MARGIN, PAD, LINE = 40, 28, 8, 14
+CELL, MARGIN, PAD, LINE = 40, 36, 8, 14
 _COLORS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], np.float64)
 
 
