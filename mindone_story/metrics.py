@@ -332,3 +332,22 @@ def side_by_side(images: list[Image.Image]) -> Image.Image:
         out.paste(image, (x, 0))
         x += image.width
     return out
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The scores of ``evaluate`` as a small Markdown table (the demo shows it after a run)."""
+    if "rounds" in result:
+        rows = ["| round | CLIP-T | CLIP-T (styled) | CLIP-I, all pairs |", "|---|---|---|---|"]
+        for r in result["rounds"]:
+            t, i = r["clip_t_mean"], r["clip_i"]["all"]
+            rows.append(f"| {r['round']} | {t['text']:.2f} | {t['prompt']:.2f} | {'-' if i is None else f'{i:.3f}'} |")
+        return "\n".join(rows)
+    rows = ["| panel | CLIP-T | CLIP-T (styled) |", "|---|---|---|"]
+    rows += [
+        f"| {i} | {a:.2f} | {b:.2f} |"
+        for i, (a, b) in enumerate(zip(result["clip_t"]["text"], result["clip_t"]["prompt"]))
+    ]
+    rows.append(f"| mean | {result['clip_t_mean']['text']:.2f} | {result['clip_t_mean']['prompt']:.2f} |")
+    consistency = [f"all pairs {result['clip_i']['all']:.3f}"] if result["clip_i"]["all"] is not None else []
+    consistency += [f"{n} {c['mean']:.3f}" for n, c in result["clip_i"]["characters"].items() if c["mean"] is not None]
+    return "\n".join(rows) + ("\n\nCLIP-I: " + ", ".join(consistency) if consistency else "")

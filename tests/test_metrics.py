@@ -28,6 +28,7 @@ from mindone_story.metrics import (  # noqa: E402
     evaluate,
     heatmap_size,
     load_clip_pair,
+    markdown_table,
 )
 
 TOL = 1e-4  # relative, features and scores (measured: 6e-7 text, 5e-7 image)
@@ -142,6 +143,9 @@ def test_story_diffusion_story(stories, capsys):
     expected = clip_t(feats, pair.text_features(pair.tokens(prompts)[0]))
     assert np.allclose(m["clip_t"]["prompt"], expected, atol=1e-3)
     assert m["clip_t_mean"]["text"] == pytest.approx(np.mean(m["clip_t"]["text"]), abs=1e-3)
+    table = markdown_table(m)  # the demo's
+    assert f"| 3 | {m['clip_t']['text'][3]:.2f} | {m['clip_t']['prompt'][3]:.2f} |" in table
+    assert f"Bob {chars['Bob']['mean']:.3f}" in table
     with Image.open(sd / HEATMAP) as png:
         width, height = heatmap_size(5, 4)  # CLIP-T, all pairs, Alice, Bob
         assert png.height == height and png.width >= width == MARGIN + 5 * CELL + PAD
