@@ -197,6 +197,20 @@ def pair_mean(matrix: np.ndarray, panels: list[int]) -> float | None:
     return float(np.mean(pairs)) if pairs else None
 
 
+def _plain_prompts(record: RunRecord, panels: list[Any]) -> list[Any]:
+    """Each StoryDiffusion panel as the story parser gives it from the recorded line and characters: its prompt
+    before the style template and the characters it shows ([NC] panels none)."""
+    from .errors import RecordError
+    from .story.prompts import Character, parse_panel
+
+    described = record.require("story", "characters", dict)
+    characters = tuple(Character(name, description) for name, description in described.items())
+    try:
+        return [parse_panel(p["text"], characters, i) for i, p in enumerate(panels)]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RecordError(f"{record.where}: field 'story.panels' is not a story's ({e}); it was edited?") from None
+
+
 def _read_panel(folder: Path, name: str, record: RunRecord) -> Image.Image:
     path = folder / name
     if name not in record.files or not path.is_file():
@@ -221,7 +235,9 @@ def _score(
         scores = clip_t(feats, pair.text_features(ids))
         out["clip_t"][kind] = [round(float(s), 4) for s in scores]
         out["clip_t_mean"][kind] = round(float(scores.mean()), 4)
-        out["truncated"] += [{"panel": i, "text": kind, "tokens": c} for i, c in enumerate(counts) if c > ids.shape[1]]
+        out["truncated"] += [
+            {"panel": i, "prompt": kind, "tokens": c} for i, c in enumerate(counts) if c > ids.shape[1]
+        ]
     every = list(range(len(images)))
     out["clip_i"] = {
         "matrix": [[round(float(x), 6) for x in row] for row in matrix],
@@ -246,8 +262,9 @@ def evaluate(folder: str | os.PathLike, pair: ClipPair) -> dict[str, Any]:
         "encoders": pair.sources,
         "max_tokens": pair.max_tokens,
         "definitions": {
-            "clip_t": "100 * cos(image features, text features) per panel; text = the user's prompt, prompt = the "
-            "styled model prompt; prompts over max_tokens are cut as CLIP's tokenizer cuts them (see truncated)",
+            "clip_t": "100 * cos(image features, text features) per panel; plain = the prompt before the style "
+            "template (StoryDiffusion: character tags replaced by their descriptions, no caption), styled = the "
+            "prompt the model saw; prompts over max_tokens are cut as CLIP's tokenizer cuts them (see truncated)",
             "clip_i": "cos(image features i, image features j); per character the mean over pairs of distinct "
             "panels showing it ([NC] panels excluded); all = the mean over every pair of distinct panels",
         },
@@ -256,14 +273,15 @@ def evaluate(folder: str | os.PathLike, pair: ClipPair) -> dict[str, Any]:
     if record.method == "StoryDiffusion":
         panels = record.require("story", "panels", list)
         images = [_read_panel(folder, f"panel_{i:03d}.png", record) for i in range(len(panels))]
-        texts = {"text": [p["text"] for p in panels], "prompt": [p["prompt"] for p in panels]}
-        names = sorted({c for p in panels for c in p["characters"]})
-        characters = {c: [i for i, p in enumerate(panels) if c in p["characters"]] for c in names}
+        plain = _plain_prompts(record, panels)
+        texts = {"plain": [p.prompt for p in plain], "styled": [p["prompt"] for p in panels]}
+        names = sorted({c for p in plain for c in p.characters})
+        characters = {c: [i for i, p in enumerate(plain) if c in p.characters] for c in names}
         result |= _score(pair, images, texts, characters)
         maps = [heatmap(np.array(result["clip_i"]["matrix"]), "CLIP-I", _notes(result))]
     else:
         prompts = record.require("settings", "prompts", list)
-        texts = {"text": prompts, "prompt": record.require("story", "model_prompts", list)}
+        texts = {"plain": prompts, "styled": record.require("story", "model_prompts", list)}
         rounds = []
         for r in range(record.require("settings", "rounds", int) + 1):
             images = [_read_panel(folder, f"round_{r:02d}/panel_{i:03d}.png", record) for i in range(len(prompts))]
@@ -278,7 +296,7 @@ def evaluate(folder: str | os.PathLike, pair: ClipPair) -> dict[str, Any]:
 
 def _notes(scores: dict[str, Any]) -> list[str]:
     t = scores["clip_t_mean"]
-    lines = [f"CLIP-T {t['text']:.2f} (styled {t['prompt']:.2f})"]
+    lines = [f"CLIP-T {t['plain']:.2f} (styled {t['styled']:.2f})"]
     if scores["clip_i"]["all"] is not None:
         lines.append(f"CLIP-I all pairs {scores['clip_i']['all']:.3f}")
     for name, c in scores["clip_i"]["characters"].items():
@@ -340,14 +358,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         rows = ["| round | CLIP-T | CLIP-T (styled) | CLIP-I, all pairs |", "|---|---|---|---|"]
         for r in result["rounds"]:
             t, i = r["clip_t_mean"], r["clip_i"]["all"]
-            rows.append(f"| {r['round']} | {t['text']:.2f} | {t['prompt']:.2f} | {'-' if i is None else f'{i:.3f}'} |")
+            rows.append(f"| {r['round']} | {t['plain']:.2f} | {t['styled']:.2f} | {'-' if i is None else f'{i:.3f}'} |")
         return "\n".join(rows)
     rows = ["| panel | CLIP-T | CLIP-T (styled) |", "|---|---|---|"]
     rows += [
         f"| {i} | {a:.2f} | {b:.2f} |"
-        for i, (a, b) in enumerate(zip(result["clip_t"]["text"], result["clip_t"]["prompt"]))
+        for i, (a, b) in enumerate(zip(result["clip_t"]["plain"], result["clip_t"]["styled"]))
     ]
-    rows.append(f"| mean | {result['clip_t_mean']['text']:.2f} | {result['clip_t_mean']['prompt']:.2f} |")
+    rows.append(f"| mean | {result['clip_t_mean']['plain']:.2f} | {result['clip_t_mean']['styled']:.2f} |")
     consistency = [f"all pairs {result['clip_i']['all']:.3f}"] if result["clip_i"]["all"] is not None else []
     consistency += [f"{n} {c['mean']:.3f}" for n, c in result["clip_i"]["characters"].items() if c["mean"] is not None]
     return "\n".join(rows) + ("\n\nCLIP-I: " + ", ".join(consistency) if consistency else "")

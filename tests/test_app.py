@@ -105,7 +105,7 @@ def test_story_diffusion_run(sd_run, tmp_path):
     ] + ["story.json"]
     # the CLIP scores of the tiny pair, as a table under the status line and in metrics.json
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert f"| mean | {metrics['clip_t_mean']['text']:.2f} |" in status and "CLIP-I: all pairs" in status
+    assert f"| mean | {metrics['clip_t_mean']['plain']:.2f} |" in status and "CLIP-I: all pairs" in status
     record = json.loads((folder / "story.json").read_text())
     # the record holds what the form asked for, and the prompts the story parser and style give
     story = parse_story(CHARACTERS, STORY, 2)

@@ -34,6 +34,8 @@ from mindone_story.metrics import (  # noqa: E402
 TOL = 1e-4  # relative, features and scores (measured: 6e-7 text, 5e-7 image)
 CLIP_DIR = FIXTURES / "metrics" / "tiny_clip"
 LONG = "a woman reading " + "a very long book about mountains and rivers and " * 4 + "at night"
+CHARACTERS = "[Bob] a man with a black suit\n[Alice] a woman in a white shirt"
+STORY = f"[Bob] wakes up #morning\n[Alice] reads a book\n[Bob] has breakfast\n[Alice] {LONG}\n[NC] a city street"
 
 
 @pytest.fixture(scope="module")
@@ -100,11 +102,7 @@ def stories(tmp_path_factory):
     root = tiny_model_dir()
     models = load_sdxl(root)
     sd = tmp_path_factory.mktemp("sd")
-    story = parse_story(
-        "[Bob] a man with a black suit\n[Alice] a woman in a white shirt",
-        f"[Bob] wakes up\n[Alice] reads a book\n[Bob] has breakfast\n[Alice] {LONG}\n[NC] a city street at night",
-        id_length=1,
-    )
+    story = parse_story(CHARACTERS, STORY, id_length=1)
     settings = StoryDiffusionSettings(height=64, width=64, steps=1, seed=1)
     run_story(StoryDiffusionPipeline(models, mode="pynative"), story, settings, sd, models={"model": "tiny"})
     ip = load_ip_adapter_models(root / "ip_adapter" / TINY_IP_ADAPTER, root / "image_encoder", models.unet.config)
@@ -125,8 +123,6 @@ def test_story_diffusion_story(stories, capsys):
     m = json.loads((sd / METRICS).read_text())
     record = json.loads((sd / "story.json").read_text())
     assert m["method"] == "StoryDiffusion" and m["max_tokens"] == 77
-    assert m["truncated"] == [{"panel": 3, "text": "text", "tokens": m["truncated"][0]["tokens"]}] + m["truncated"][1:]
-    assert {t["text"] for t in m["truncated"]} == {"text", "prompt"} and all(t["tokens"] > 77 for t in m["truncated"])
     matrix = np.array(m["clip_i"]["matrix"])
     assert matrix.shape == (5, 5) and np.allclose(np.diag(matrix), 1, atol=1e-5) and np.allclose(matrix, matrix.T)
     chars = m["clip_i"]["characters"]
@@ -139,12 +135,20 @@ def test_story_diffusion_story(stories, capsys):
     pair = load_clip_pair(tiny_model_dir(), tiny_model_dir() / "image_encoder", mode="pynative")
     images = [Image.open(sd / f"panel_{i:03d}.png") for i in range(5)]
     feats = pair.image_features(pair.preprocess(images))
-    prompts = [p["prompt"] for p in record["story"]["panels"]]
-    expected = clip_t(feats, pair.text_features(pair.tokens(prompts)[0]))
-    assert np.allclose(m["clip_t"]["prompt"], expected, atol=1e-3)
-    assert m["clip_t_mean"]["text"] == pytest.approx(np.mean(m["clip_t"]["text"]), abs=1e-3)
+    styled = [p["prompt"] for p in record["story"]["panels"]]
+    from mindone_story.story.prompts import parse_story
+
+    plain = parse_story(CHARACTERS, STORY, 1).prompts  # tags replaced by descriptions, no caption, no style
+    assert "[Bob]" not in plain[0] and "morning" not in plain[0] and "black suit" in plain[0]
+    for kind, prompts in (("styled", styled), ("plain", plain)):
+        expected = clip_t(feats, pair.text_features(pair.tokens(prompts)[0]))
+        assert np.allclose(m["clip_t"][kind], expected, atol=1e-3), kind
+        counts = pair.tokens(prompts)[1]
+        cut = [(t["panel"], t["tokens"]) for t in m["truncated"] if t["prompt"] == kind]
+        assert cut == [(i, c) for i, c in enumerate(counts) if c > 77] and (kind == "styled" or cut[0][0] == 3)
+    assert m["clip_t_mean"]["plain"] == pytest.approx(np.mean(m["clip_t"]["plain"]), abs=1e-3)
     table = markdown_table(m)  # the demo's
-    assert f"| 3 | {m['clip_t']['text'][3]:.2f} | {m['clip_t']['prompt'][3]:.2f} |" in table
+    assert f"| 3 | {m['clip_t']['plain'][3]:.2f} | {m['clip_t']['styled'][3]:.2f} |" in table
     assert f"Bob {chars['Bob']['mean']:.3f}" in table
     with Image.open(sd / HEATMAP) as png:
         width, height = heatmap_size(5, 4)  # CLIP-T, all pairs, Alice, Bob
@@ -157,7 +161,7 @@ def test_story_adapter_story_per_round(stories):
     m = json.loads((sa / METRICS).read_text())
     assert m["method"] == "Story-Adapter" and [r["round"] for r in m["rounds"]] == [0, 1]
     for r in m["rounds"]:
-        assert len(r["clip_t"]["text"]) == 3 and np.array(r["clip_i"]["matrix"]).shape == (3, 3)
+        assert len(r["clip_t"]["plain"]) == 3 and np.array(r["clip_i"]["matrix"]).shape == (3, 3)
         assert r["clip_i"]["characters"] == {}
     assert m["rounds"][0]["clip_i"]["matrix"] != m["rounds"][1]["clip_i"]["matrix"]  # round 1 differs
     with Image.open(sa / HEATMAP) as png:

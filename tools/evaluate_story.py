@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         head = f"round {r['round']}: " if "round" in r else ""
         chars = "".join(f", {n} {c['mean']:.3f}" for n, c in i["characters"].items() if c["mean"] is not None)
         all_pairs = f", CLIP-I {i['all']:.3f}" if i["all"] is not None else ""
-        print(f"{head}CLIP-T {t['text']:.2f} (styled {t['prompt']:.2f}){all_pairs}{chars}")
+        print(f"{head}CLIP-T {t['plain']:.2f} (styled {t['styled']:.2f}){all_pairs}{chars}")
     if result["truncated"]:
         print(f"{len(result['truncated'])} prompt(s) longer than {result['max_tokens']} tokens were cut, as CLIP does")
     out = Path(args.output_dir)
