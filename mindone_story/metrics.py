@@ -23,7 +23,7 @@ import mindspore as ms
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import StoryError
+from .errors import RecordError, StoryError
 from .models.clip_preprocess import clip_preprocess
 from .modes import compiled
 from .runs.files import save_png, write_json
@@ -165,12 +165,13 @@ def load_clip_pair(
         image = read_image_encoder(image_encoder)
         text, tokenizer_dir = _text_weights(Path(text_encoder))
         sources = {"text_encoder": f"{text_encoder} (text_encoder_2)", "image_encoder": str(image_encoder)}
-    sources["family"] = check_pair(text.config, image.config, " + ".join(sources.values()))
+    where = " + ".join(sources.values())
+    if "CLIPTextModelWithProjection" not in text.config.get("architectures", []):
+        raise StoryError(f"{where}: the text encoder has no projection; CLIP scores need the projected features")
+    sources["family"] = check_pair(text.config, image.config, where)
     dtype = dtype or ms.float32
     text_model, _ = load_component("text_encoder_2", text.config, text, sources.get("text_encoder", "text"), dtype)
     image_model, _ = load_component("image_encoder", image.config, image, sources.get("image_encoder", "image"), dtype)
-    if not text_model.config.with_projection:
-        raise StoryError(f"{sources}: the text encoder has no projection; CLIP scores need the projected features")
     return ClipPair(text_model, image_model, _tokenizer(tokenizer_dir), sources, mode)
 
 
@@ -200,7 +201,6 @@ def pair_mean(matrix: np.ndarray, panels: list[int]) -> float | None:
 def _plain_prompts(record: RunRecord, panels: list[Any]) -> list[Any]:
     """Each StoryDiffusion panel as the story parser gives it from the recorded line and characters: its prompt
     before the style template and the characters it shows ([NC] panels none)."""
-    from .errors import RecordError
     from .story.prompts import Character, parse_panel
 
     described = record.require("story", "characters", dict)
