@@ -195,3 +195,16 @@ def test_bad_input_is_one_line(stories, tmp_path, capsys):
     (unfinished / "story.json").write_text(json.dumps({**record, "progress": {**record["progress"], "done": False}}))
     with pytest.raises(StoryError, match="is not finished"):
         evaluate(unfinished, load_clip_pair(clip_model=CLIP_DIR, mode="pynative"))
+
+
+def test_cli_encoder_choice(stories, tmp_path, capsys):
+    """--clip_model scores with the CLIPModel folder; a story of a real model needs --image_encoder."""
+    sd, _ = stories
+    copy = tmp_path / "copy"
+    shutil.copytree(sd, copy)
+    assert evaluate_story.main([str(copy), "--clip_model", str(CLIP_DIR), "--mode", "pynative"]) == 0
+    assert json.loads((copy / METRICS).read_text())["encoders"] == {"clip_model": str(CLIP_DIR), "family": "custom"}
+    record = json.loads((copy / "story.json").read_text())
+    record["models"]["model"] = str(TINY_SDXL)  # a model folder, not the built-in tiny one
+    (copy / "story.json").write_text(json.dumps(record))
+    assert "--image_encoder is required" in fails(capsys, str(copy))
