@@ -102,7 +102,12 @@ def test_story_diffusion_run(sd_run, tmp_path):
     assert "5 panels, 2 page(s)" in status and "model loaded in" in status
     folder = unzip(archive, tmp_path)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["page_00.png", "page_01.png"] + [f"panel_{i:03d}.png" for i in range(5)] + ["story.json"]
+    assert names == ["metrics.json", "metrics.png", "page_00.png", "page_01.png"] + [
+        f"panel_{i:03d}.png" for i in range(5)
+    ] + ["story.json"]
+    # the CLIP scores of the tiny pair, as a table under the status line and in metrics.json
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert f"| mean | {metrics['clip_t_mean']['plain']:.2f} |" in status and "CLIP-I: all pairs" in status
     record = json.loads((folder / "story.json").read_text())
     # the record holds what the form asked for, and the prompts the story parser and style give
     story = parse_story(CHARACTERS, STORY, 2)
@@ -134,6 +139,7 @@ def test_repeat_reuses_the_loaded_model_and_gives_the_same_images(client, sd_run
 def test_story_adapter_run(client, tmp_path):
     last, every, archive, status = client.predict(**ADAPTER_FORM, api_name="/story_adapter")
     assert "3 rounds of 2 panels" in status
+    assert "| round | CLIP-T |" in status and "\n| 2 | " in status  # the scores of every round
     assert [item["caption"] for item in last] == ["round 2, panel 0", "round 2, panel 1"]
     assert [item["caption"] for item in every] == [f"round {r}, panel {i}" for r in range(3) for i in range(2)]
     folder = unzip(archive, tmp_path)

@@ -93,6 +93,23 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
     def reporter(progress: gr.Progress):
         return lambda done, total, what: progress((done, total), desc=what, unit="panels")
 
+    clip_pairs: dict[tuple[str, str], object] = {}  # the last CLIP pair used for the scores, kept loaded
+
+    def scores(out: Path, model: str, image_encoder: str | None) -> str:
+        """The story's CLIP scores as a table (metrics.json and metrics.png in its folder), or how to get them."""
+        from mindone_story.metrics import evaluate, load_clip_pair, markdown_table
+
+        if image_encoder is None:
+            return f"\n\nCLIP scores need an image encoder: `python tools/evaluate_story.py {out} --image_encoder ...`"
+        key = (str(logic.model_dir(model)), image_encoder)
+        try:
+            if key not in clip_pairs:
+                clip_pairs.clear()
+                clip_pairs[key] = load_clip_pair(*key, dtype=logic.dtype_of(args.dtype), mode=args.mode)
+            return "\n\n" + markdown_table(evaluate(out, clip_pairs[key]))
+        except (ValueError, OSError) as err:  # the story is made; only its scores are missing
+            return f"\n\nno CLIP scores: {describe(err)}"
+
     def load(progress: gr.Progress, get, *key_args) -> tuple[object, str]:
         """A pipeline from the cache, and a note for the status line saying whether it was loaded now."""
         progress(0, desc="loading the model")
@@ -155,6 +172,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         panels, pages = result.panels, result.pages
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]
         status = f"{len(panels)} panels, {len(pages)} page(s) in {time.time() - start:.1f} s (model {loaded}): `{out}`"
+        status += scores(out, model, str(logic.model_dir(model) / "image_encoder") if model == "tiny" else None)
         return list(zip(map(str, panels), captions)), [str(p) for p in pages], str(logic.zip_folder(out)), status
 
     @friendly
@@ -184,7 +202,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         every = [(str(p), f"round {r}, panel {i}") for r, row in enumerate(rounds) for i, p in enumerate(row)]
         status = (
             f"{len(rounds)} rounds of {len(rounds[-1])} panels in {time.time() - start:.1f} s (model {loaded}): `{out}`"
-        )
+        ) + scores(out, model, files["image_encoder_path"])
         return last, every, str(logic.zip_folder(out)), status
 
     def model_fields(prefix: str):
