@@ -1,7 +1,7 @@
 """Bytes of the boolean mask FlashAttentionScore receives per consistent-attention call, before (broadcast to
 [B, H, Sq, Sk]) and after (the kernel's smallest accepted shape for a per-image key mask, [B, 1, Sq, Sk]).
 
-Arithmetic from the shapes the library builds (story/id_bank.py widths), for SDXL's two consistent-attention levels
+Arithmetic from the shapes the library builds (processors/id_bank.py widths), for SDXL's two consistent-attention levels
 (1/32 and 1/16 of the image: 1280 channels in 20 heads, 640 in 10), a write phase of id_length images with CFG
 (B = 2 * id_length), no bank yet, sa32 = sa64 = 0.5. The mask is uint8, one byte per element.
 
@@ -10,7 +10,7 @@ Arithmetic from the shapes the library builds (story/id_bank.py widths), for SDX
 
 import argparse
 
-from mindone_story.story.id_bank import sample_width
+from mindone_story.processors.id_bank import sample_width
 
 LEVELS = (("sa32", 32, 20), ("sa64", 16, 10))  # name, image / side, heads
 

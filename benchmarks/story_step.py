@@ -90,8 +90,8 @@ def child_main(args) -> dict:
     from mindone_story.models.load import load_state, parameter_shapes
     from mindone_story.models.unet import up_level_tokens
     from mindone_story.pretrained import build_component
-    from mindone_story.story.consistent import install
-    from mindone_story.story.id_bank import Draws, IdBank, Phase
+    from mindone_story.processors.consistent import install
+    from mindone_story.processors.id_bank import Draws, IdBank, Phase
 
     report = {"versions": {"mindspore": ms.__version__}, "rss_after_import": rss_bytes()}
     config = json.loads(Path(args.config_file).read_text())

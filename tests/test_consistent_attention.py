@@ -15,8 +15,8 @@ from conftest import FIXTURES, TINY_SDXL, rel_err
 from mindspore import Tensor
 
 from mindone_story.pretrained import load_component
-from mindone_story.story.consistent import install
-from mindone_story.story.id_bank import Draws, IdBank, Phase
+from mindone_story.processors.consistent import install
+from mindone_story.processors.id_bank import Draws, IdBank, Phase
 from mindone_story.weights.safetensors_io import SafetensorsFile
 
 TOL = 1e-4
@@ -79,7 +79,7 @@ def test_write_and_read_phases_match_the_original(ref, mode):
 def test_compiled_unet_follows_every_story_control(ref):
     """One compiled graph, many per-call values: gates, gather indices, validity masks and bank tokens each change
     the output, and each output equals PyNative's for the same values (nothing is frozen at compile time)."""
-    from mindone_story.story.consistent import StoryTensors
+    from mindone_story.processors.consistent import StoryTensors
 
     unet, processors = _unet()
     rng = np.random.default_rng(0)
@@ -104,7 +104,7 @@ def test_compiled_unet_follows_every_story_control(ref):
         valid=[np.zeros((n, g), np.float32) for g in gather],
         capture=[np.arange(4) for _ in tokens],
     )
-    from mindone_story.story.consistent import set_capture_shapes
+    from mindone_story.processors.consistent import set_capture_shapes
 
     set_capture_shapes(processors, [4, 4])
     args = [

@@ -20,7 +20,7 @@ from PIL import Image
 from mindone_story.models.ip_adapter import attn2_modules, install, uninstall
 from mindone_story.pipelines.story_adapter import NEGATIVE_PROMPT, StoryAdapterPipeline, StoryAdapterSettings
 from mindone_story.pretrained import load_component, load_ip_adapter, load_ip_adapter_models, load_sdxl
-from mindone_story.story.grca import GlobalReference, reference_pixels, round_scales
+from mindone_story.processors.grca import GlobalReference, reference_pixels, round_scales
 from mindone_story.story.prompts import styled
 from mindone_story.weights.layouts import read_sdxl
 

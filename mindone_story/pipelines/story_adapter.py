@@ -28,7 +28,7 @@ from ..errors import StoryError
 from ..models.freeu import freeu_factors
 from ..models.ip_adapter import install
 from ..pretrained import IPAdapterModels, SDXLModels
-from ..story.grca import GlobalReference, ReferenceEncoder, round_scales
+from ..processors.grca import GlobalReference, ReferenceEncoder, round_scales
 from ..story.prompts import ADAPTER_STYLES, styled
 from .sdxl import PromptEmbeds, SDXLPipeline
 

@@ -20,8 +20,8 @@ from ..errors import StoryError
 from ..models.freeu import APP_FREEU, freeu_factors
 from ..models.unet import up_level_tokens
 from ..pretrained import SDXLModels
-from ..story.consistent import install
-from ..story.id_bank import Draws, IdBank, Phase
+from ..processors.consistent import install
+from ..processors.id_bank import Draws, IdBank, Phase
 from ..story.prompts import STYLE_NAMES, Story, apply_style
 from .schedulers import SCHEDULERS
 from .sdxl import SDXLPipeline, StepCallback

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import RecordError
 from ..pipelines.story_adapter import DDIM_CONFIG, NEGATIVE_PROMPT, StoryAdapterSettings
-from ..story.grca import REFERENCE_SIZE
+from ..processors.grca import REFERENCE_SIZE
 from .files import png_bytes, prepare, read_png, write_atomic
 from .record import RunRecord
 
