@@ -80,7 +80,9 @@ def set_device(device: str, attention: str | None = None) -> Backend:
         raise ValueError(f"unknown attention kernel {attention!r}; choose one of {', '.join(ATTENTION)}")
     if attention == "flash" and device == "CPU":
         raise ValueError("FlashAttentionScore runs only on Ascend: on CPU use the math attention")
-    ms.set_context(device_target="CPU" if device == "Ascend-emulated" else device)
+    target = "CPU" if device == "Ascend-emulated" else device
+    if ms.get_context("device_target") != target:  # set_context warns (deprecated) even when nothing changes
+        ms.set_context(device_target=target)
     _backend = Backend(device, attention)
     return _backend
 

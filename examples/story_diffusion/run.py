@@ -131,8 +131,9 @@ def run(args: argparse.Namespace) -> int:
         panels.refresh()
 
     def on_step(done: int, total: int) -> None:
-        steps.total, steps.n = total, done
-        steps.refresh()
+        if done == 1:  # a new batch
+            steps.reset(total=total)
+        steps.update(1)
 
     result = run_story(
         pipe,
