@@ -3,7 +3,7 @@
     python benchmarks/convert_full.py [--workdir /tmp/convert_full] [--dtype fp16|bf16|fp32] [--keep] [--reuse]
 
 1. Builds a random-weight fp16 single file with every key and shape of the real sgm layout
-   (../shared/manifests/sgm_sdxl_single_file.json, plus the optional position_ids; about 6.9 GB), tensor by tensor.
+   (tests/fixtures/manifests/sgm_sdxl_single_file.json, plus the optional position_ids; about 6.9 GB), tensor by tensor.
 2. Runs tools/convert_weights.py on it in a fresh interpreter that reports its RSS after the imports (the baseline)
    and its peak RSS (VmHWM) at the end. The claim to check: peak - baseline stays far below the file size
    (the issue's bound is 2 GB).
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from mindone_story.weights import LazyTensor, save_safetensors  # noqa: E402
 
-MANIFEST = Path(os.environ.get("MANIFESTS", ROOT.parent / "shared" / "manifests")) / "sgm_sdxl_single_file.json"
+MANIFEST = ROOT / "tests" / "fixtures" / "manifests" / "sgm_sdxl_single_file.json"
 
 # Runs in the child: import, record the baseline, convert, record the peak.
 CHILD = """

@@ -24,13 +24,21 @@ TOLERANCE = 1.5e-2  # relative, max|ours - ref| / max|ref| over each phase's fin
 def tiny_story_latents(mode: str, dtype=None) -> list[np.ndarray]:
     """The final latents of each phase of the tiny story (64x64, 2 steps, id_length 2, window 1): Bob's two
     windows, Alice's two, and the read phase with both; on the backend chosen now."""
-    import mindspore as ms
 
     from .pipelines.story_diffusion import StoryDiffusionPipeline, StoryDiffusionSettings
     from .pretrained import load_sdxl, tiny_model_dir
     from .story.prompts import parse_story
 
     pipe = StoryDiffusionPipeline(load_sdxl(tiny_model_dir(), dtype), mode=mode)
+    seen = record_latents(pipe)
+    pipe(parse_story(CHARACTERS, STORY, 2), StoryDiffusionSettings(height=64, width=64, steps=2, seed=7, window=1))
+    return seen
+
+
+def record_latents(pipe) -> list[np.ndarray]:
+    """From now on, the final latents of every denoise call of ``pipe`` (each phase or panel), in fp32."""
+    import mindspore as ms
+
     seen, denoise = [], pipe.sdxl.denoise
 
     def recording(*args, **kwargs):
@@ -39,7 +47,6 @@ def tiny_story_latents(mode: str, dtype=None) -> list[np.ndarray]:
         return out
 
     pipe.sdxl.denoise = recording
-    pipe(parse_story(CHARACTERS, STORY, 2), StoryDiffusionSettings(height=64, width=64, steps=2, seed=7, window=1))
     return seen
 
 

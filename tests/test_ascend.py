@@ -304,19 +304,6 @@ def test_contracts_are_checked_in_graph_mode(device):
 
 
 # -- 4. whole runs: fp16 on the emulated Ascend against fp32 on CPU ------------------------------------------------
-def _latents_of(pipe) -> list[np.ndarray]:
-    """Record the final latents of every denoise call of ``pipe`` (each phase / panel)."""
-    seen, denoise = [], pipe.sdxl.denoise
-
-    def recording(*args, **kwargs):
-        out = denoise(*args, **kwargs)
-        seen.append(out.astype(ms.float32).asnumpy())
-        return out
-
-    pipe.sdxl.denoise = recording
-    return seen
-
-
 def _calls(monkeypatch, mode) -> set[str]:
     """Record which emulated Ascend-only calls run (PyNative calls them every time; graph mode cannot parse the
     recording wrapper, so it records nothing there)."""
@@ -376,7 +363,7 @@ def _story_adapter(mode, plus, folder):
     models = load_sdxl(root)
     ip = load_ip_adapter_models(ckpt, root / "image_encoder", models.unet.config)
     pipe = StoryAdapterPipeline(models, ip, mode=mode)
-    latents = _latents_of(pipe)
+    latents = check.record_latents(pipe)
     prompts = ("a cat on a roof", "a dog in a park")[: ADAPTER_PANELS[plus]]
     settings = StoryAdapterSettings(prompts, rounds=2, steps=2, height=64, width=64, seed=7)
     generate_story(pipe, settings, folder / "run")

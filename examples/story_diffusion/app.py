@@ -22,7 +22,7 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
 import gradio as gr  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # app_logic.py, also when imported
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # app_logic.py and frontend.py, also when imported
 import app_logic as logic  # noqa: E402
 
 from mindone_story.errors import describe  # noqa: E402

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from frontend import dtype_of  # the demo reads --dtype as the CLIs do
+
 from mindone_story import checks
 from mindone_story.errors import StoryError
 from mindone_story.models_registry import MODELS, resolve_model
@@ -29,13 +31,6 @@ from mindone_story.runs.story_diffusion import PageLayout, Progress
 from mindone_story.story.prompts import Story, story_from_text
 
 MODEL_NAMES = list(MODELS)  # "tiny" included
-DTYPES = {None: None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def dtype_of(name: str | None):
-    import mindspore as ms
-
-    return None if name is None else getattr(ms, DTYPES[name])
 
 
 # -- form values: the library's own checks, so a rule is written once -------------------------------------------

@@ -92,4 +92,11 @@ def setup(device: str | None, dtype: str | None, attention: str | None = None):
     if device or attention:
         set_device(device or backend().device, attention)
     ms.runtime.launch_blocking()  # PyNative's async dispatch threads halve the speed on few cores
-    return compute_dtype({None: None, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[dtype])
+    return compute_dtype(dtype_of(dtype))
+
+
+def dtype_of(name: str | None):
+    """The MindSpore dtype of a --dtype value (None: the device's default, decided by the loaders)."""
+    import mindspore as ms
+
+    return {None: None, "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[name]

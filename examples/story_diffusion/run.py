@@ -105,9 +105,7 @@ def run(args: argparse.Namespace) -> int:
     import mindspore as ms
     from tqdm.auto import tqdm
 
-    from mindone_story.layers import default_dtype
-
-    fp16 = (dtype or default_dtype()) == ms.float16  # fetch the fp16 weights for an fp16 run
+    fp16 = dtype == ms.float16  # fetch the fp16 weights for an fp16 run
     model = resolve_model(
         args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
     )

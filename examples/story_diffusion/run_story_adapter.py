@@ -143,14 +143,13 @@ def run(args: argparse.Namespace) -> int:
 
     from mindone_story.hub import HubError
     from mindone_story.hub import resolve as fetch
-    from mindone_story.layers import default_dtype
     from mindone_story.pipelines.story_adapter import StoryAdapterPipeline
     from mindone_story.pretrained import load_ip_adapter_models, load_sdxl, tiny_model_dir
     from mindone_story.runs.story_adapter import generate_story
     from mindone_story.weights import read_sdxl
 
     out = Path(args.output_dir)
-    fp16 = (dtype or default_dtype()) == ms.float16  # fetch the fp16 weights where the run is fp16
+    fp16 = dtype == ms.float16  # fetch the fp16 weights where the run is fp16
     files = {}  # local paths as they are, hub references from the cache or downloaded
     for k, v in paths.items():
         try:

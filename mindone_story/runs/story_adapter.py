@@ -75,11 +75,8 @@ def generate_story(
         record = old
         recorded = settings_of(record)
         start, first, done = progress_of(record, recorded)
-        diffs = [
-            f"{k}: recorded {v!r}, given {settings.to_dict()[k]!r}"
-            for k, v in recorded.to_dict().items()
-            if v != settings.to_dict()[k]
-        ]
+        given = settings.to_dict()
+        diffs = [f"{k}: recorded {v!r}, given {given[k]!r}" for k, v in recorded.to_dict().items() if v != given[k]]
         diffs += [
             f"{k} differs from the recorded file" for k, v in pipe.fingerprints.items() if record.models.get(k) != v
         ]

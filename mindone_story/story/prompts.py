@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import StoryError
 
 NC_TAG = "[NC]"
 _TAG = re.compile(r"\[([^\[\]\n]*)\]")
@@ -267,8 +270,6 @@ def story_from_text(general_prompt: str, story_text: str | None, id_length: int)
     """A story from a front end's two texts: a character box (``[Name] description`` lines) with a story of one
     panel per line, or, as mindone's run.py, one plain description of the character of every untagged panel
     (with no story text: mindone's eight default actions)."""
-    from ..errors import StoryError
-
     if not (general_prompt or "").strip():
         raise StoryError("the character description is empty")
     if "[" in general_prompt:
@@ -306,10 +307,6 @@ def story_from_text(general_prompt: str, story_text: str | None, id_length: int)
 
 def read_story_file(path: str) -> str:
     """The text of a story file: a clear error for a folder, a missing file or text that is not UTF-8."""
-    from pathlib import Path
-
-    from ..errors import StoryError
-
     p = Path(path)
     if p.is_dir():
         raise StoryError(f"the story file {p} is a folder; give a text file with one panel per line")
