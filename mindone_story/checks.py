@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from .errors import StoryError
@@ -128,3 +131,33 @@ def fits(unet_config, vae_config, height: int, width: int, batch: int, scores_in
             f"a {height}x{width} panel (batch {batch}) needs at least {_human(need)} for {what}, and this machine has "
             f"{_human(have)} available: choose a smaller height and width"
         )
+
+
+BANK_PLACES = ("auto", "memory", "disk")
+
+
+def bank_place(size: int, activations: int, choice: str = "auto", folder: str | Path | None = None) -> str:
+    """Where StoryDiffusion's id bank of ``size`` bytes goes: ``"memory"``, or ``"disk"`` (memory-mapped files in
+    ``folder``, default the temporary directory). ``auto`` keeps it in memory when it fits beside one call's
+    ``activations`` with a 10% margin, else on disk; both places hold the same bytes, so the images are the same."""
+    one_of("id bank place", choice, BANK_PLACES)
+    have = available_memory()
+    unchecked = have is None or os.environ.get("MINDONE_STORY_SKIP_MEMORY_CHECK") == "1"
+    in_memory = unchecked or size + activations <= 0.9 * have
+    if choice == "memory" or (choice == "auto" and in_memory):
+        if not in_memory:
+            raise StoryError(
+                f"the id bank needs {_human(size)} and this machine has {_human(have)} available beside the model: "
+                "keep it on disk, or choose a smaller size or fewer steps"
+            )
+        return "memory"
+    where = Path(folder) if folder is not None else Path(tempfile.gettempdir())
+    existing = next(p for p in (where, *where.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if size > free and not unchecked:
+        memory = "" if choice == "disk" else f"more than the {_human(have)} of memory available, and "
+        raise StoryError(
+            f"the id bank needs {_human(size)}, {memory}{existing} has {_human(free)} free: choose a smaller size or "
+            "fewer steps"
+        )
+    return "disk"

@@ -341,7 +341,8 @@ class GroupNorm(nn.Cell):
         var = ops.square(h - mean).mean(-1, keep_dims=True)
         h = ((h - mean) * ops.rsqrt(var + self.eps)).reshape(shape[0], shape[1], -1)
         # bias_add broadcasts over axis 1 ten times faster than `x + b[:, None]` on CPU
-        h = ops.bias_add(h * self.weight.reshape(1, -1, 1), self.bias)
+        w, b = self.weight.astype(ms.float32), self.bias.astype(ms.float32)  # fp16 weights: normalise in fp32
+        h = ops.bias_add(h * w.reshape(1, -1, 1), b)
         if self.silu:
             h = ops.silu(h)
         return h.reshape(shape).astype(dtype)

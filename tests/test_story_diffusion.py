@@ -79,8 +79,18 @@ def test_cli_writes_panels_pages_and_story_json(run_dir):
     assert not np.array_equal(np.asarray(pages[0].convert("RGB")), np.asarray(uncaptioned[0].convert("RGB")))
 
 
-def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path):
+def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path, monkeypatch):
+    """Also with the id bank on disk (memory-mapped files) instead of in memory: the same bytes, the same images,
+    and the bank's folder gone afterwards."""
+    from mindone_story.processors.id_bank import IdBank
+
+    banked, close = [], IdBank.close
+    monkeypatch.setattr(
+        IdBank, "close", lambda bank: (banked.append(bank.folder and len(list(bank.folder.iterdir()))), close(bank))
+    )
     argv = FAST + [
+        "--id_bank",
+        "disk",
         "--general_prompt",
         CHARACTERS,
         "--story",
@@ -98,6 +108,8 @@ def test_same_seed_gives_identical_images(run_dir, story_file, tmp_path):
     for i in range(6):
         name = f"panel_{i:03d}.png"
         assert np.array_equal(np.asarray(Image.open(run_dir / name)), np.asarray(Image.open(tmp_path / name))), name
+    # one file per character, banked step (1 of 2), layer and window: 2 x 1 x layers x 2
+    assert len(banked) == 1 and banked[0] > 0 and banked[0] % 4 == 0 and not (tmp_path / ".id_bank").exists()
 
 
 @pytest.mark.parametrize(
@@ -152,8 +164,8 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 
-    fake = SimpleNamespace(check=lambda story, settings: None, _run=run)
-    StoryDiffusionPipeline.__call__(fake, story, StoryDiffusionSettings(window=2))
+    fake = SimpleNamespace(_run=run)
+    StoryDiffusionPipeline._story(fake, story, StoryDiffusionSettings(window=2), None, None, set())
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
     assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3

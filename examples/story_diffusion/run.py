@@ -20,6 +20,7 @@ from pathlib import Path
 
 from frontend import add_common, add_lora, add_output, check_loras, setup
 
+from mindone_story.checks import BANK_PLACES
 from mindone_story.errors import main_guard
 from mindone_story.models.freeu import APP_FREEU
 from mindone_story.models_registry import MODELS, resolve_model
@@ -63,6 +64,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sa64", type=float, default=0.5, help="share of 1/16-resolution tokens each image sees")
     p.add_argument("--window", type=int, default=None, help="id panels per write batch (bounds memory)")
     p.add_argument("--read_batch", type=int, default=1, help="later panels per batch")
+    p.add_argument(
+        "--id_bank",
+        default="auto",
+        choices=BANK_PLACES,
+        help="where the id bank is kept: auto (memory if it fits, else OUTPUT_DIR/.id_bank), memory or disk",
+    )
     p.add_argument("--scheduler", default="ddim", choices=sorted(SCHEDULERS))
     p.add_argument(
         "--freeu", default=",".join(map(str, APP_FREEU)), help="'off' or s1,s2,b1,b2 (default: the app's values)"
@@ -145,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=on_panel,
         on_step=on_step,
+        bank=args.id_bank,
     )
     steps.close()
     panels.close()

@@ -9,8 +9,10 @@ the characters it names. ``[NC]`` panels attend to nothing extra. Every panel's 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -21,7 +23,7 @@ from ..models.freeu import APP_FREEU, freeu_factors
 from ..models.unet import up_level_tokens
 from ..pretrained import SDXLModels
 from ..processors.consistent import install
-from ..processors.id_bank import Draws, IdBank, Phase
+from ..processors.id_bank import Draws, IdBank, Phase, bank_bytes
 from ..story.prompts import STYLE_NAMES, Story, apply_style
 from .schedulers import SCHEDULERS
 from .sdxl import SDXLPipeline, StepCallback
@@ -85,7 +87,7 @@ class StoryDiffusionPipeline:
         self.sdxl = SDXLPipeline(models, mode=mode)
         self.unet = models.unet
         self.processors = install(models.unet)
-        self.bank = IdBank()
+        self.bank = IdBank(self.sdxl.dtype)
 
     def level_tokens(self, height: int, width: int) -> list[int]:
         """Tokens per image at the two consistent-attention resolutions: 1/32 and 1/16 of the image for SDXL."""
@@ -147,14 +149,25 @@ class StoryDiffusionPipeline:
         )
         return self.sdxl.decode(latents)
 
-    def check(self, story: Story, settings: StoryDiffusionSettings) -> None:
-        """Refuse, before any work, a story whose largest batch cannot fit in the host's memory (CPU)."""
+    def bank_size(self, story: Story, settings: StoryDiffusionSettings) -> int:
+        """The expected bytes of the story's id bank: every id image's sampled tokens, per step and layer."""
+        images = sum(len(v) for v in story.id_panels.values())
+        tokens = self.level_tokens(settings.height, settings.width)
+        rates = [settings.sa32, settings.sa64]
+        return bank_bytes(self.processors, tokens, rates, images, settings.steps, self.sdxl.dtype)
+
+    def check(self, story: Story, settings: StoryDiffusionSettings, bank: str = "auto", bank_dir=None) -> str:
+        """Refuse, before any work, a story whose largest batch or whose id bank cannot fit in the host's memory
+        (CPU), or in ``bank_dir``'s disk; returns where the id bank goes (``checks.bank_place``)."""
         from ..layers import backend
 
         ids = [len(v) for v in story.id_panels.values()] + [0]
         batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
         unet, vae = self.unet.config, self.sdxl.models.vae.config
-        checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=backend().attention == "math")
+        scores = backend().attention == "math"
+        checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=scores)
+        activations, _ = checks.least_memory(unet, vae, settings.height, settings.width, batch, scores)
+        return checks.bank_place(self.bank_size(story, settings), activations, bank, bank_dir)
 
     def __call__(
         self,
@@ -163,16 +176,29 @@ class StoryDiffusionPipeline:
         on_panel: PanelCallback | None = None,
         on_step: StepCallback | None = None,
         skip: Sequence[int] = (),
+        bank: str = "auto",
+        bank_dir: str | Path | None = None,
     ) -> dict[int, Image.Image]:
         """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
 
         ``skip``: panels already made (a resumed run). Id panels always run, because later panels read the banks
         they write; a batch of later panels runs unless all its panels are skipped. Batches keep their composition
-        and their draws, so a resumed run gives the same images as an uninterrupted one."""
-        self.check(story, settings)
-        self.bank = IdBank()
+        and their draws, so a resumed run gives the same images as an uninterrupted one.
+
+        ``bank``: where the id bank is kept, ``auto`` (memory if it fits, else disk), ``memory`` or ``disk``;
+        ``bank_dir``: the folder for a bank on disk (default: a new temporary folder), deleted afterwards."""
+        place = self.check(story, settings, bank, bank_dir)
+        if place == "disk" and bank_dir is None:
+            bank_dir = tempfile.mkdtemp(prefix="mindone-story-bank-")
+        self.bank = IdBank(self.sdxl.dtype, bank_dir if place == "disk" else None)
+        try:
+            return self._story(story, settings, on_panel, on_step, set(skip))
+        finally:  # the bank is gigabytes at full size: never kept past the call
+            self.bank.close()
+            self.bank = IdBank(self.sdxl.dtype)
+
+    def _story(self, story, settings, on_panel, on_step, skip) -> dict[int, Image.Image]:
         images: dict[int, Image.Image] = {}
-        skip = set(skip)
 
         def done(indices, batch_images):
             for i, image in zip(indices, batch_images):

@@ -7,13 +7,16 @@ the compiled UNet is built once per phase. After each UNet call, :meth:`Phase.co
 hidden states into the bank.
 
 Memory: the bank holds, per character, step and layer, the sampled tokens of that character's id images only, so
-it is bounded by id_length, never by the story's length. Read panels can run in batches of any size.
+it is bounded by id_length, never by the story's length. Read panels can run in batches of any size. Its size is
+``bank_bytes``; where it does not fit in memory beside the model it lives in memory-mapped files (``IdBank``).
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -35,31 +38,88 @@ class Draws:
         return cls(masks, rng.random((steps, layers)))
 
 
-@dataclass
 class IdBank:
-    """``tokens[character][step][layer]`` is a list over that character's id images of [2, count, C] arrays."""
+    """``images(character, step, layer)``: that character's id images' sampled tokens, a list of [2, count, C].
 
-    tokens: dict[str, dict[int, list[list[np.ndarray]]]] = field(default_factory=dict)
+    Stored as exactly what the UNet reads: the processor casts bank tokens to the compute dtype, so they are kept
+    in that dtype's width (fp16 as float16, bf16 as the high halves of fp32, fp32 as is), which is lossless.
+    Step 0 is never banked: every layer runs plain self-attention there, in every phase. With ``folder`` the
+    arrays are written there as ``.npy`` files and read back memory-mapped, so the page cache, not the process,
+    holds them; ``close`` deletes the folder."""
+
+    def __init__(self, dtype=None, folder: str | Path | None = None):
+        self.encode, self.decode = _STORAGE[str(dtype or "Float32")]
+        self.folder = None if folder is None else Path(folder)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)  # a killed run's leftovers are never read
+            self.folder.mkdir(parents=True)
+        self._chunks: dict[tuple[str, int, int], list[tuple[np.ndarray, list[int]]]] = {}
+        self._known: dict[str, int] = {}  # character -> banked images
 
     def images(self, character: str, step: int, layer: int) -> list[np.ndarray]:
-        try:
-            return self.tokens[character][step][layer]
-        except KeyError:
-            raise KeyError(
-                f"no id bank for character {character!r} at step {step}; generate its id panels first"
-            ) from None
+        if character not in self._known:
+            raise KeyError(f"no id bank for character {character!r}; generate its id panels first")
+        out = []
+        for stored, counts in self._chunks.get((character, step, layer), []):
+            out += np.split(self.decode(stored), np.cumsum(counts)[:-1], axis=1)
+        return out
+
+    def image_count(self, character: str) -> int:
+        return self._known.get(character, 0)
 
     def add(self, character: str, step: int, layer: int, images: list[np.ndarray]) -> None:
-        self.tokens.setdefault(character, {}).setdefault(step, {}).setdefault(layer, []).extend(images)
+        self._known.setdefault(character, 0)
+        if step < 1 or not images:
+            return
+        stored = self.encode(np.concatenate(images, axis=1))
+        if self.folder is not None:
+            path = self.folder / f"{list(self._known).index(character)}_{step}_{layer}_{len(self._chunks)}.npy"
+            np.save(path, stored)
+            stored = np.load(path, mmap_mode="r")
+        self._chunks.setdefault((character, step, layer), []).append((stored, [a.shape[1] for a in images]))
+
+    def count_images(self, character: str, added: int) -> None:
+        """Record that ``added`` more id images of ``character`` are banked (once per write phase)."""
+        self._known[character] = self._known.get(character, 0) + added
 
     def nbytes(self) -> int:
-        return sum(
-            a.nbytes
-            for steps in self.tokens.values()
-            for layers in steps.values()
-            for images in layers.values()
-            for a in images
-        )
+        return sum(a.nbytes for chunks in self._chunks.values() for a, _ in chunks)
+
+    def close(self) -> None:
+        self._chunks.clear()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _bf16_high(a: np.ndarray) -> np.ndarray:
+    """fp32 -> the bf16 it casts to (round to nearest even), kept as its 16 high bits."""
+    u = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+def _bf16_float(h: np.ndarray) -> np.ndarray:
+    return (np.asarray(h).astype(np.uint32) << 16).view(np.float32)
+
+
+_STORAGE = {  # str(mindspore dtype) -> (encode, decode)
+    "Float32": (lambda a: np.asarray(a, np.float32), np.asarray),
+    "Float16": (lambda a: np.asarray(a).astype(np.float16), np.asarray),
+    "BFloat16": (_bf16_high, _bf16_float),
+}
+
+
+def bank_bytes(
+    processors: Sequence[ConsistentSelfAttention],
+    tokens: Sequence[int],
+    rates: Sequence[float],
+    images: int,
+    steps: int,
+    dtype=None,
+) -> int:
+    """The expected size of a bank of ``images`` id images over ``steps`` steps (tokens are Bernoulli(rate))."""
+    itemsize = 4 if str(dtype or "Float32") == "Float32" else 2
+    per_image_step = sum(2 * rates[p.level] * tokens[p.level] * p.capture.shape[-1] for p in processors)
+    return int(images * max(steps - 1, 0) * per_image_step * itemsize)
 
 
 def sample_width(tokens: int, rate: float, sigmas: float = 6.0) -> int:
@@ -110,7 +170,8 @@ class Phase:
         return images[-self.recent :] if self.recent else images
 
     def _banked_images(self) -> int:
-        return sum(len(self._banked(c, 0, self.processors[0].layer)) for c in self.chars)
+        counts = [self.bank.image_count(c) for c in self.chars]
+        return sum(min(n, self.recent) if self.recent else n for n in counts)
 
     def _bank_segments(self, chars: Sequence[str], step: int, layer: int) -> list[int]:
         return [a.shape[1] for c in chars for a in self._banked(c, step, layer)]
@@ -149,8 +210,9 @@ class Phase:
         banks = []
         for proc in self.processors:
             bank = np.zeros((2, self.bank_width[proc.level], proc.capture.shape[-1]), np.float32)
-            if self.chars:
-                joined = np.concatenate([a for c in self.chars for a in self._banked(c, step, proc.layer)], 1)
+            parts = [a for c in self.chars for a in self._banked(c, step, proc.layer)]
+            if parts:
+                joined = np.concatenate(parts, 1)
                 if joined.shape[1] > bank.shape[1]:
                     raise ValueError(f"{joined.shape[1]} banked tokens exceed the pool width {bank.shape[1]}")
                 bank[:, : joined.shape[1]] = joined
@@ -161,6 +223,9 @@ class Phase:
     def collect(self, step: int) -> None:
         """Move this step's captured sampled hidden states into the bank (write phases only)."""
         if self.write_as is None:
+            return
+        if step == 0:  # plain attention everywhere at step 0: nothing to bank
+            self.bank.count_images(self.write_as, self.n)
             return
         for proc in self.processors:
             captured = proc.capture.asnumpy()

@@ -9,6 +9,7 @@ deterministic per ``(seed, panel)``, so a resumed story is byte-identical to an 
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from .files import prepare, read_png, save_png
 from .record import RunRecord
 
 METHOD = "StoryDiffusion"
+BANK_DIR = ".id_bank"  # a bank kept on disk: scratch, deleted when the run ends
 Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 
 
@@ -92,14 +94,16 @@ def run_story(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
+    bank: str = "auto",
 ) -> StoryRun:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
     beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
-    after every sampler step of a batch."""
+    after every sampler step of a batch. ``bank``: where the id bank is kept (see the pipeline); on disk it is the
+    folder's ``.id_bank``, deleted when the run ends."""
     folder = Path(folder)
-    pipe.check(story, settings)  # memory, before the folder is touched
+    pipe.check(story, settings, bank, folder / BANK_DIR)  # memory and disk, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
     record_settings |= extra or {}
     loaded = pipe.sdxl.models
@@ -107,6 +111,7 @@ def run_story(
     record_models["loras"] = loaded.loras  # path, scale and fingerprint of each LoRA fused into the model
     story_section = _story_section(pipe, story, settings)
     old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+    shutil.rmtree(folder / BANK_DIR, ignore_errors=True)  # a killed run's bank on disk
     total = len(story.panels)
     images: dict[int, Image.Image] = {}
     if old is not None:
@@ -133,7 +138,9 @@ def run_story(
         if progress:
             progress(len(images), total, f"panel {index + 1}")
 
-    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images))
+    pipe(
+        story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images), bank=bank, bank_dir=folder / BANK_DIR
+    )
     ordered = [images[i] for i in range(total)]
     pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
     names = [f"page_{k:02d}.png" for k in range(len(pages))]
