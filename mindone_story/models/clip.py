@@ -27,7 +27,12 @@ class CLIPAttention(nn.Cell):
         self.attention = attention_kernel()
 
     def construct(self, x: Tensor, mask: Tensor | None) -> Tensor:
-        q, k, v = (split_heads(p(x), self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        # written out: a generator expression in construct makes graph mode's CSE pass slow (PLATFORM.md)
+        q, k, v = (
+            split_heads(self.q_proj(x), self.heads),
+            split_heads(self.k_proj(x), self.heads),
+            split_heads(self.v_proj(x), self.heads),
+        )
         return self.out_proj(merge_heads(self.attention(q, k, v, mask)))
 
 
