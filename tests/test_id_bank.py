@@ -99,3 +99,23 @@ def test_bank_goes_to_disk_exactly_when_memory_is_short(monkeypatch, tmp_path):
         checks.bank_place(gb, gb, "ram")
     monkeypatch.setenv("MINDONE_STORY_SKIP_MEMORY_CHECK", "1")
     assert checks.bank_place(25 * gb, gb, "auto") == "memory"
+
+
+def test_bank_on_disk_reads_back_every_add(tmp_path):
+    """Windows add to the same (character, step, layer) again and again: every add is its own memory-mapped file,
+    read back in order, and the folder is removed on close (and cleared when a bank is made there again)."""
+    rng = np.random.default_rng(1)
+    added = [rng.standard_normal((2, n, 8)).astype(np.float32) for n in (3, 1, 4, 2)]
+    (tmp_path / "bank").mkdir()
+    (tmp_path / "bank" / "stale.npy").write_bytes(b"left by a killed run")
+    bank = IdBank(ms.float32, tmp_path / "bank")
+    assert not (tmp_path / "bank" / "stale.npy").exists()
+    for window in range(3):
+        bank.add("Bob", 1, 0, added[window : window + 2])
+    expected = added[0:2] + added[1:3] + added[2:4]
+    got = bank.images("Bob", 1, 0)
+    assert len(got) == 6 and all(np.array_equal(a, b) for a, b in zip(got, expected))
+    assert isinstance(bank._chunks[("Bob", 1, 0)][0][0], np.memmap) and len(list((tmp_path / "bank").iterdir())) == 3
+    assert bank.nbytes() == sum(a.nbytes for a in expected)
+    bank.close()
+    assert not (tmp_path / "bank").exists()

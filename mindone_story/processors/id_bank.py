@@ -55,6 +55,7 @@ class IdBank:
             self.folder.mkdir(parents=True)
         self._chunks: dict[tuple[str, int, int], list[tuple[np.ndarray, list[int]]]] = {}
         self._known: dict[str, int] = {}  # character -> banked images
+        self._files = 0
 
     def images(self, character: str, step: int, layer: int) -> list[np.ndarray]:
         if character not in self._known:
@@ -73,7 +74,8 @@ class IdBank:
             return
         stored = self.encode(np.concatenate(images, axis=1))
         if self.folder is not None:
-            path = self.folder / f"{list(self._known).index(character)}_{step}_{layer}_{len(self._chunks)}.npy"
+            self._files += 1  # a new file per add: a memory-mapped file is never rewritten
+            path = self.folder / f"{self._files}.npy"
             np.save(path, stored)
             stored = np.load(path, mmap_mode="r")
         self._chunks.setdefault((character, step, layer), []).append((stored, [a.shape[1] for a in images]))
