@@ -6,9 +6,11 @@ The scripts run as ``python benchmarks/<name>.py`` (their children too), so this
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Mapping
@@ -17,6 +19,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from mindone_story.weights.safetensors_io import LazyTensor, LazyWeights  # noqa: E402  (numpy only: torch side too)
+
 GB = 1024**3
 
 
@@ -111,31 +117,22 @@ def child_env(isa: str = "default") -> dict:
     return env
 
 
-class LazyRandomWeights(Mapping):
+class LazyRandomWeights(LazyWeights):
     """``mindone_story.pretrained.random_weights`` one tensor at a time: each tensor is seeded by its own name, so the
     values equal the eager ones, and no second full copy of the weights is ever held. Keeps a CRC32 per tensor
     handed out, so two processes can show they loaded the same weights."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], seed_text: str):
-        self.shapes = dict(shapes)
+        self.tensors = {k: LazyTensor(tuple(s), "F32", functools.partial(self._make, k)) for k, s in shapes.items()}
         self.seed_text = seed_text
         self.crc = {}
 
-    def __getitem__(self, key: str) -> np.ndarray:
+    def _make(self, key: str) -> np.ndarray:
         from mindone_story.pretrained import random_weights
 
-        value = random_weights({key: self.shapes[key]}, self.seed_text)[key]
+        value = random_weights({key: self.shape(key)}, self.seed_text)[key]
         self.crc[key] = zlib.crc32(value.tobytes())
         return value
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def __len__(self) -> int:
-        return len(self.shapes)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.shapes[key]
 
     def checksum(self) -> str:
         digest = 0

@@ -1,7 +1,7 @@
 """What counts as the user's mistake, and how a front end reports it.
 
 Every error the library raises for bad input, a bad file or an unusable output folder is a ``StoryError`` (the
-weight readers' ``WeightFileError`` and ``LayoutError`` are ``ValueError`` s, which front ends treat the same way),
+weight readers' ``LayoutError`` too; their ``WeightFileError`` is a ``ValueError``, which front ends treat the same way),
 and its message names the problem in one line. Front ends call ``main_guard``: expected errors become
 ``error: <message>`` and exit status 2, Ctrl-C becomes one line saying what was kept, and anything else is a bug,
 shown as a traceback with a request to report it.
@@ -17,6 +17,11 @@ from collections.abc import Callable
 
 class StoryError(ValueError):
     """Bad input the user can fix; its message is shown alone."""
+
+
+class LayoutError(StoryError):
+    """A checkpoint that does not fit: another model family or layout, a missing component, or weights that do not
+    match the model (the message lists the missing, unexpected and mis-shaped keys)."""
 
 
 class RecordError(StoryError):

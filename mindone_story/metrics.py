@@ -116,7 +116,6 @@ def _clip_model_weights(path: Path):
     """A transformers CLIPModel folder (one file with text_model.*, text_projection, vision_model.*,
     visual_projection): our names already, so the HF CLIP key map applies to each tower's keys."""
     from .weights import keymaps, read_image_encoder
-    from .weights import shapes as S
     from .weights.layouts import find_weights, open_weights
 
     config_file = path / "config.json"
@@ -131,7 +130,7 @@ def _clip_model_weights(path: Path):
     vision_cfg = {**config["vision_config"], "projection_dim": projection}
     source = open_weights(find_weights(path, "transformers"))
     keys = [k for k in source if k.startswith(("text_model.", "text_projection."))]
-    text = keymaps.plan(source, keymaps.hf_clip_key, S.clip_text_shapes(text_cfg, True), "text_model", keys)
+    text = keymaps.map_keys(source, keymaps.hf_clip_key, "text_model", keys)  # checked when loaded
     text.config = text_cfg
     return text, read_image_encoder(path, vision_cfg), path
 

@@ -24,10 +24,11 @@ from mindspore.nn.utils import no_init_parameters
 from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
 from .layers import compute_dtype
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
-from .models.ip_adapter import IPAdapter
-from .models.load import load_state, parameter_shapes
+from .models.ip_adapter import IPAdapter, attn2_layers
+from .models.load import check_state, load_state, parameter_shapes
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
+from .weights.layouts import SDXL_COMPONENTS, load_config
 
 TINY_VERSION = 2  # bump when the tiny presets or the weight recipe change, so caches are rebuilt
 
@@ -73,6 +74,12 @@ def _build(name: str, config: dict[str, Any]):
     raise ValueError(f"unknown component {name!r}")
 
 
+def model_shapes(configs: Mapping[str, Any], names: Sequence[str] | None = None) -> dict[str, dict]:
+    """Each component's parameter names and shapes, from its model built without parameter memory: the one
+    description a checkpoint, a LoRA or a conversion is checked against."""
+    return {n: parameter_shapes(build_component(n, configs[n])) for n in names or configs}
+
+
 def load_component(
     name: str, config: dict[str, Any], state: Mapping[str, np.ndarray], source: str, dtype: ms.Type | None = None
 ):
@@ -80,6 +87,16 @@ def load_component(
     ignored = load_state(model, state, source, dtype)
     model.set_train(False)
     return model, ignored
+
+
+def check_sdxl(checkpoint, source: str = "") -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Build the four models of a read checkpoint (no parameter memory) and run the one strict check on each,
+    before any tensor is read. Returns the models and each one's ignored source keys."""
+    models, ignored = {}, {}
+    for name in SDXL_COMPONENTS:
+        models[name] = build_component(name, checkpoint.configs[name])
+        ignored[name] = check_state(models[name], checkpoint[name], f"{source or checkpoint.path} ({name})")
+    return models, ignored
 
 
 def _tokenizer(folder: Path):
@@ -104,15 +121,16 @@ def load_sdxl(
     from .weights.lora import fuse, read_lora
 
     dtype = compute_dtype(dtype)
+    # One pass: find the files and read their headers, map the keys (read_sdxl); build the models and check each
+    # once (check_sdxl); map the LoRAs onto the same models; then read tensor by tensor into the parameters.
     checkpoint = read_sdxl(path)
-    fused = [(read_lora(file, checkpoint.configs), float(scale)) for file, scale in loras]
+    models, ignored = check_sdxl(checkpoint, str(path))
+    shapes = {name: parameter_shapes(model) for name, model in models.items()}
+    fused = [(read_lora(file, checkpoint.configs, shapes), float(scale)) for file, scale in loras]
     weights = fuse(checkpoint, fused)
-    models, ignored = {}, {}
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        part_dtype = ms.float32 if name == "vae" else dtype
-        models[name], ignored[name] = load_component(
-            name, checkpoint.configs[name], weights[name], f"{path} ({name})", part_dtype
-        )
+    for name, model in models.items():
+        load_state(model, weights[name], f"{path} ({name})", ms.float32 if name == "vae" else dtype, checked=True)
+        model.set_train(False)
     records = [
         {"path": str(lora.path), "scale": scale, "fingerprint": lora.fingerprint, "layouts": lora.layouts}
         for lora, scale in fused
@@ -148,50 +166,31 @@ class IPAdapterModels:
     fingerprint: str  # of both files, as SDXLModels.fingerprint
 
 
-class _IPAdapterState(Mapping[str, np.ndarray]):
-    """Our IPAdapter cell's names over the reader's, lazily: ``image_proj.*`` as they are, and
-    ``layers.<k>.to_{k,v}_ip.weight`` for the reader's ``<k-th attn2 module>.to_{k,v}_ip.weight``. The K/V
-    projections live outside the UNet because they run once per set of reference images, never in a step."""
-
-    def __init__(self, mapped: Mapping[str, Any], modules: list[str]):
-        self._keys = {k: (mapped["image_proj"], k) for k in mapped["image_proj"]}
-        for k, module in enumerate(modules):
-            for kv in ("to_k_ip", "to_v_ip"):
-                self._keys[f"layers.{k}.{kv}.weight"] = (mapped["unet"], f"{module}.{kv}.weight")
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        source, name = self._keys[key]
-        return source[name]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        source, name = self._keys[key]
-        return tuple(source.shape(name))
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+def build_ip_adapter(info: Mapping[str, Any], unet: Any) -> IPAdapter:
+    """An IPAdapter of projection ``info`` for ``unet`` (a UNet, or its config: then built without parameter memory
+    to find its attn2 layers), itself without parameter memory."""
+    if not isinstance(unet, UNet):
+        unet = build_component("unet", load_config(unet))
+    with no_init_parameters():
+        return IPAdapter(info, attn2_layers(unet))
 
 
 def load_ip_adapter(
-    path: str | os.PathLike, unet_config: Any, image_encoder_config: Any = None, dtype: ms.Type | None = None
+    path: str | os.PathLike, unet: Any, image_encoder_config: Any = None, dtype: ms.Type | None = None
 ) -> IPAdapter:
-    """An IP-Adapter file (.bin or .safetensors, IP-Adapter's or diffusers' layout), checked against the UNet
-    config and, if given, the image encoder's config before any weight is read. ``dtype``: as :func:`load_sdxl`."""
+    """An IP-Adapter file (.bin or .safetensors), checked against the UNet (a UNet, or its config: then built
+    without parameter memory to find its attn2 layers) and, if given, the image encoder's config before any weight
+    is read. ``dtype``: as :func:`load_sdxl`."""
     from .weights import read_ip_adapter
-    from .weights import shapes as S
-    from .weights.layouts import _files_of
 
     dtype = compute_dtype(dtype)
     if not Path(path).exists():
         raise FileNotFoundError(f"IP-Adapter not found: {path}")
-    weights = read_ip_adapter(path, unet_config, image_encoder_config)
-    modules = S.ip_adapter_modules(unet_config)
-    model = IPAdapter(weights["image_proj"].config, modules)
-    load_state(model, _IPAdapterState(weights, [m for m, _ in modules]), f"{path} (IP-Adapter)", dtype)
+    weights = read_ip_adapter(path, unet.config if isinstance(unet, UNet) else unet, image_encoder_config)
+    model = build_ip_adapter(weights.config, unet)
+    load_state(model, weights, f"{path} (IP-Adapter)", dtype)
     model.set_train(False)
-    model.files = _files_of(weights["image_proj"]._source)  # for fingerprints
+    model.files = weights.files  # for fingerprints
     return model
 
 
@@ -199,10 +198,10 @@ def load_ip_adapter_models(
     ip_ckpt: str | os.PathLike, image_encoder_path: str | os.PathLike, unet_config: Any, dtype: ms.Type | None = None
 ) -> IPAdapterModels:
     """An IP-Adapter and its CLIP image encoder (a transformers folder or file), checked against each other and
-    against the UNet: a ViT-H encoder with a bigG adapter, or an SD1.5 adapter, is a LayoutError that says so.
-    ``dtype``: as :func:`load_sdxl`, for both."""
+    against the UNet (``unet_config``: the UNet or its config): a ViT-H encoder with a bigG adapter, or an SD1.5
+    adapter, is a LayoutError that says so. ``dtype``: as :func:`load_sdxl`, for both."""
     from .weights import read_image_encoder
-    from .weights.layouts import SDXLCheckpoint, _files_of
+    from .weights.layouts import files_fingerprint
 
     dtype = compute_dtype(dtype)
     if not Path(image_encoder_path).exists():
@@ -212,8 +211,7 @@ def load_ip_adapter_models(
     encoder, _ = load_component(
         "image_encoder", encoder_weights.config, encoder_weights, f"{image_encoder_path} (image encoder)", dtype
     )
-    files = _files_of(encoder_weights._source) + ip_adapter.files
-    fingerprint = SDXLCheckpoint({}, {}, files, Path()).fingerprint  # the same cheap content hash as the base model
+    fingerprint = files_fingerprint(encoder_weights.files + ip_adapter.files)  # the same cheap hash as the base
     return IPAdapterModels(encoder, ip_adapter, fingerprint)
 
 
@@ -241,24 +239,17 @@ TINY_IP_ADAPTER = "ip-adapter_sdxl.safetensors"
 
 
 def tiny_ip_adapter_weights(folder: Path, plus: bool = False) -> dict[str, np.ndarray]:
-    """An ip-adapter_sdxl for the tiny UNet and image encoder in IP-Adapter's own flat layout: ``image_proj.*``
-    (ImageProjModel, 4 tokens; or with ``plus`` a one-layer Resampler of 4 queries and one 64-wide head, as
-    ip-adapter-plus) and ``ip_adapter.<2k+1>.to_{k,v}_ip.weight`` for the k-th attn2 module."""
-    from .weights import shapes as S
-
+    """An ip-adapter_sdxl for the tiny UNet and image encoder of ``folder``, under IP-Adapter's own keys (which are
+    the IPAdapter cell's): ImageProjModel with 4 tokens or, with ``plus``, a one-layer Resampler of 4 queries and
+    one 64-wide head (as ip-adapter-plus)."""
     unet = json.loads((folder / "unet" / "config.json").read_text())
     encoder = json.loads((folder / "image_encoder" / "config.json").read_text())
-    ctx = unet["cross_attention_dim"]
     info = {"kind": "image_proj_model", "num_tokens": 4, "clip_dim": encoder["projection_dim"]}
     if plus:
         info = {"kind": "resampler", "dim": 32, "depth": 1, "inner_dim": 64, "num_queries": 4, "ff_mult": 2}
         info["embedding_dim"] = encoder["hidden_size"]
-    index = {m: 2 * k + 1 for k, (m, _) in enumerate(S.ip_adapter_modules(unet))}
-    shapes = {}
-    for key, shape in S.ip_adapter_shapes(unet, {**info, "cross_attention_dim": ctx}).items():
-        module, _, rest = key.rpartition(".to_")
-        shapes[key if key.startswith("image_proj.") else f"ip_adapter.{index[module]}.to_{rest}"] = shape
-    return random_weights(shapes, f"tiny-v{TINY_VERSION}:ip_adapter" + ("_plus" if plus else ""))
+    model = build_ip_adapter({**info, "cross_attention_dim": unet["cross_attention_dim"]}, unet)
+    return random_weights(parameter_shapes(model), f"tiny-v{TINY_VERSION}:ip_adapter" + ("_plus" if plus else ""))
 
 
 def tiny_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:

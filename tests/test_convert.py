@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mindone_story.models.ip_adapter import attn2_layers
+from mindone_story.pretrained import build_component, model_shapes
 from mindone_story.weights import SafetensorsFile, read_ip_adapter, read_sdxl, save_safetensors
 from mindone_story.weights.safetensors_io import bf16_bits_to_f32, f32_to_bf16_bits
-from mindone_story.weights.shapes import clip_vision_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -38,7 +39,8 @@ def image_encoder(tmp_path_factory) -> Path:
     """A micro image encoder file matching configs/image_encoder (what the micro IP-Adapters expect)."""
     folder = tmp_path_factory.mktemp("enc")
     rng = np.random.default_rng(0)
-    shapes = clip_vision_shapes(json.loads((CONFIGS / "image_encoder" / "config.json").read_text()))
+    shapes = model_shapes({"image_encoder": json.loads((CONFIGS / "image_encoder" / "config.json").read_text())})
+    shapes = shapes["image_encoder"]
     save_safetensors(
         {k: rng.standard_normal(s).astype(np.float16) for k, s in shapes.items()}, folder / "model.safetensors"
     )
@@ -71,9 +73,11 @@ def test_sgm_file_with_ip_adapter(tmp_path, capsys, image_encoder, dtype):
         )
         assert all(back[comp].dtype(k) == stored and np.array_equal(back[comp][k], cast(v)) for k, v in want.items())
     ip = read_ip_adapter(out / "ip_adapter", back["unet"].config, out / "image_encoder" / "config.json")
-    ref = SafetensorsFile(LAYOUTS / "ip_adapter_expected.safetensors")
-    assert all(np.array_equal(ip["unet"][k], cast(ref[f"plus/{k}"])) for k in ip["unet"])
-    assert len(ip["unet"]) == len([k for k in ref if k.startswith("plus/")])
+    ref = SafetensorsFile(LAYOUTS / "ip_adapter_expected.safetensors")  # diffusers' placement: <attn2>.to_k_ip ...
+    modules = [m for m, _ in attn2_layers(build_component("unet", back["unet"].config))]
+    placed = {k: f"plus/{modules[int(k.split('.')[1]) // 2]}.{k.split('.', 2)[2]}" for k in ip if k.startswith("ip_")}
+    assert all(np.array_equal(ip[k], cast(ref[r])) for k, r in placed.items())
+    assert sorted(placed.values()) == sorted(k for k in ref if k.startswith("plus/"))
     assert json.loads((out / "ip_adapter" / "config.json").read_text())["image_proj"]["kind"] == "resampler"
     printed = capsys.readouterr().out
     assert "denoiser.sigmas: sgm sampler sigma table" in printed and "logit_scale: CLIP contrastive" in printed

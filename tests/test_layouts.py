@@ -1,5 +1,6 @@
 """Key maps onto our names: full-size coverage from the manifests (no weights allocated), values against diffusers'
-own conversions (tests/fixtures/layouts), and a clear error for every wrong file."""
+own conversions (tests/fixtures/layouts), and a clear error for every wrong file. That our names and shapes are the
+original classes' is tests/test_model_keys.py's (the models are the one description of them)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mindone_story.weights import LayoutError, SafetensorsFile, WeightFileError, save_safetensors
-from mindone_story.weights import shapes as S
+from mindone_story.pretrained import check_sdxl
+from mindone_story.weights import (
+    LayoutError,
+    LazyTensor,
+    LazyWeights,
+    SafetensorsFile,
+    WeightFileError,
+    save_safetensors,
+)
 from mindone_story.weights.layouts import (
     PRESETS,
     map_ip_adapter,
@@ -31,23 +39,16 @@ SDXL = preset_configs("sdxl")
 BIGG, VIT_H = PRESETS / "image_encoder_bigg" / "config.json", PRESETS / "image_encoder_vit_h" / "config.json"
 
 
-class Shapes:
+def _no_read():
+    raise AssertionError("coverage tests must not read tensors")
+
+
+class Shapes(LazyWeights):
     """A lazy source made of shapes only, as the loaders see a file before reading any tensor."""
 
     def __init__(self, shapes: dict[str, tuple[int, ...]]):
         self.shapes = {k: tuple(v) for k, v in shapes.items()}
-
-    def __iter__(self):
-        return iter(self.shapes)
-
-    def shape(self, key):
-        return self.shapes[key]
-
-    def dtype(self, key):
-        return "F16"
-
-    def __getitem__(self, key):
-        raise AssertionError("coverage tests must not read tensors")
+        self.tensors = {k: LazyTensor(v, "F16", _no_read) for k, v in self.shapes.items()}
 
 
 def manifest(name: str, with_optional: bool = False) -> dict[str, tuple[int, ...]]:
@@ -58,39 +59,6 @@ def manifest(name: str, with_optional: bool = False) -> dict[str, tuple[int, ...
 
 def mapped_shapes(mapped) -> dict[str, tuple[int, ...]]:
     return {k: mapped.shape(k) for k in mapped}
-
-
-# ---- our names and shapes from configs, against the manifests of the original classes ----------------------------
-@pytest.mark.parametrize(
-    "fn, config, name",
-    [
-        (S.unet_shapes, SDXL["unet"], "diffusers_sdxl_unet.json"),
-        (S.vae_shapes, SDXL["vae"], "diffusers_sdxl_vae.json"),
-        (S.clip_text_shapes, SDXL["text_encoder"], "hf_clip_text_vit_l.json"),
-        (S.clip_text_shapes, SDXL["text_encoder_2"], "hf_clip_text_bigg_proj.json"),
-        (S.clip_vision_shapes, json.loads(BIGG.read_text()), "hf_clip_vision_bigg_proj.json"),
-        (S.clip_vision_shapes, json.loads(VIT_H.read_text()), "hf_clip_vision_vit_h_proj.json"),
-    ],
-)
-def test_our_shapes_equal_the_manifests(fn, config, name):
-    assert fn(config) == manifest(name)
-
-
-def test_our_shapes_equal_a_folder_written_by_diffusers_and_transformers():
-    # tests/fixtures/tiny_sdxl was written by save_pretrained from the tiny presets (non-SDXL sizes).
-    folder = FIXTURES / "tiny_sdxl"
-    for comp, fn in [("unet", S.unet_shapes), ("vae", S.vae_shapes), ("text_encoder", S.clip_text_shapes),
-                     ("text_encoder_2", S.clip_text_shapes), ("image_encoder", S.clip_vision_shapes)]:  # fmt: skip
-        f = SafetensorsFile(next((folder / comp).glob("*.safetensors")))
-        assert fn(json.loads((folder / comp / "config.json").read_text())) == {k: f.shape(k) for k in f}, comp
-
-
-def test_ip_adapter_module_order_equals_the_recorded_table():
-    table = json.loads((MANIFESTS / "ip_adapter_sdxl_layer_order.json").read_text())["layers"]
-    mods = S.ip_adapter_modules(SDXL["unet"])
-    assert {str(2 * k + 1): (m, h) for k, (m, h) in enumerate(mods)} == {
-        i: (e["module"], e["hidden_size"]) for i, e in table.items()
-    }
 
 
 # ---- full-size coverage: every key of the real layouts onto our names, every target covered ---------------------
@@ -134,30 +102,20 @@ def test_sgm_transposes_and_splits_are_named():
 
 
 @pytest.mark.parametrize("name, encoder", [("ip_adapter_sdxl.json", BIGG), ("ip_adapter_plus_sdxl_vit_h.json", VIT_H)])
-def test_ip_adapter_covers_every_parameter(name, encoder):
+def test_ip_adapter_keys_are_ours_and_the_projection_is_read(name, encoder):
     source = Shapes(manifest(name))
     mapped = map_ip_adapter(source, SDXL["unet"], encoder, Path(name))
-    table = json.loads((MANIFESTS / "ip_adapter_sdxl_layer_order.json").read_text())["layers"]
-    unet_expected = {
-        f"{e['module']}.{kv}.weight": tuple(e[kv]) for e in table.values() for kv in ("to_k_ip", "to_v_ip")
-    }
-    assert mapped_shapes(mapped["unet"]) == unet_expected
-    for k in mapped["unet"]:  # ip_adapter.<i> -> the module recorded for index i
-        src, op = mapped["unet"].rule(k)
-        i = src.split(".")[1]
-        assert op == "copy" and k == f"{table[i]['module']}.{src.split('.')[2]}.weight"
-    proj = {k: v for k, v in source.shapes.items() if k.startswith("image_proj.")}
-    assert mapped_shapes(mapped["image_proj"]) == proj  # IP-Adapter's own names, all of them
-    assert len(mapped["unet"]) + len(mapped["image_proj"]) == len(source.shapes)
+    assert mapped_shapes(mapped) == source.shapes  # IP-Adapter's own names, all of them (the cell's: test_model_keys)
+    assert mapped.config["kind"] == ("resampler" if "plus" in name else "image_proj_model")
 
 
 def test_text_encoder_without_text_model_prefix():
     # transformers 5 saves CLIPTextModel without the text_model. prefix; both spellings map to our names.
     m = manifest("hf_clip_text_vit_l.json")
     stripped = Shapes({k.removeprefix("text_model."): v for k, v in m.items()})
-    from mindone_story.weights.keymaps import hf_clip_key, plan
+    from mindone_story.weights.keymaps import hf_clip_key, map_keys
 
-    assert mapped_shapes(plan(stripped, hf_clip_key, S.clip_text_shapes(SDXL["text_encoder"]), "te")) == m
+    assert mapped_shapes(map_keys(stripped, hf_clip_key, "te")) == m
 
 
 # ---- values against the original code ---------------------------------------------------------------------------
@@ -181,13 +139,18 @@ def test_ip_adapter_maps_like_diffusers_load_ip_adapter(variant, stem, ext):
     ours = read_ip_adapter(
         LAYOUTS / f"{stem}.{ext}", MICRO["unet"], LAYOUTS / "configs" / "image_encoder" / "config.json"
     )
+    from mindone_story.models.ip_adapter import attn2_layers
+    from mindone_story.pretrained import build_component
+
+    # diffusers' load_ip_adapter put ip_adapter.<i> on these modules; ours go to attn2_layers()[(i - 1) // 2]
     expected = SafetensorsFile(LAYOUTS / "ip_adapter_expected.safetensors")
-    want = {k.split("/", 1)[1] for k in expected if k.startswith(f"{variant}/")}
-    assert set(ours["unet"]) == want
-    assert all(np.array_equal(ours["unet"][k], expected[f"{variant}/{k}"]) for k in want)
+    modules = [m for m, _ in attn2_layers(build_component("unet", json.loads(MICRO["unet"].read_text())))]
+    placed = {k: f"{variant}/{modules[int(k.split('.')[1]) // 2]}.{k.split('.', 2)[2]}" for k in ours if k[:3] == "ip_"}
+    assert sorted(placed.values()) == sorted(k for k in expected if k.startswith(f"{variant}/"))
+    assert all(np.array_equal(ours[k], expected[r]) for k, r in placed.items())
     raw = SafetensorsFile(LAYOUTS / f"{stem}.safetensors")
-    assert all(np.array_equal(ours["image_proj"][k], raw[k]) for k in ours["image_proj"])
-    assert ours["image_proj"].config["kind"] == ("resampler" if variant == "plus" else "image_proj_model")
+    assert set(ours) == set(raw) and all(np.array_equal(ours[k], raw[k]) for k in ours)
+    assert ours.config["kind"] == ("resampler" if variant == "plus" else "image_proj_model")
 
 
 def test_diffusers_folder_reads_as_is():
@@ -284,19 +247,23 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path):
     del shapes["model.diffusion_model.out.2.bias"]
     shapes["model.diffusion_model.input_blocks.1.0.in_layers.0.weight"] = (7,)
     shapes["model.diffusion_model.input_blocks.1.0.mystery.weight"] = (1,)
+    checkpoint = read_sdxl(_write(tmp_path, shapes), configs=MICRO)  # headers and key maps: no model yet
     with pytest.raises(LayoutError) as e:
-        read_sdxl(_write(tmp_path, shapes), configs=MICRO)
+        check_sdxl(checkpoint)  # the one check, against the models' own parameters
     msg = str(e.value)
     assert "missing keys (1): conv_out.bias" in msg
     assert "unexpected keys (1): model.diffusion_model.input_blocks.1.0.mystery.weight" in msg
-    assert "in_layers.0.weight [7] -> down_blocks.0.resnets.0.norm1.weight expects [8]" in msg
+    assert (
+        "down_blocks.0.resnets.0.norm1.weight (from model.diffusion_model.input_blocks.1.0.in_layers.0.weight): "
+        "file [7], model [8]" in msg
+    )
 
 
 def test_long_key_lists_are_cut_at_ten(tmp_path):
     src = SafetensorsFile(LAYOUTS / "sgm_micro.safetensors")
     shapes = {k: src.shape(k) for k in src if "transformer_blocks" not in k}
     with pytest.raises(LayoutError, match=r"missing keys \(\d{3}\): [^\n]*, \.\.\.") as e:
-        read_sdxl(_write(tmp_path, shapes), configs=MICRO)
+        check_sdxl(read_sdxl(_write(tmp_path, shapes), configs=MICRO))
     assert str(e.value).split("\n")[1].count(",") == 10
 
 

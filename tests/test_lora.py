@@ -17,7 +17,7 @@ import pytest
 from conftest import FIXTURES, TINY_SDXL, rel_err
 from mindspore import Tensor
 
-from mindone_story.pretrained import load_sdxl
+from mindone_story.pretrained import load_sdxl, model_shapes
 from mindone_story.weights.layouts import preset_configs
 from mindone_story.weights.lora import LoRAError, Names, read_lora
 from mindone_story.weights.safetensors_io import WeightFileError, save_safetensors
@@ -36,6 +36,7 @@ CASES = {  # as make_lora_fixtures.CASES
 UNET_ARGS = ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
 TEXT = {"te": "text_encoder", "te2": "text_encoder_2"}
 CONFIGS = preset_configs("tiny")
+SHAPES = model_shapes(CONFIGS, ("unet", "text_encoder", "text_encoder_2"))  # the models' own names and shapes
 Q = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"  # [64, 64] in the tiny UNet
 K2 = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"  # [64, 96]: context 96
 
@@ -80,7 +81,7 @@ def test_scale_rules():
     1.0 (diffusers' rule, lora_alpha = the component's most common rank)."""
 
     def scales(name):
-        lora = read_lora(LORA / f"{name}.safetensors", CONFIGS)
+        lora = read_lora(LORA / f"{name}.safetensors", CONFIGS, SHAPES)
         return {c: {round(m.scale, 6) for m in ms_.values()} for c, ms_ in lora.modules.items() if ms_}, lora
 
     got, lora = scales("kohya_sgm")
@@ -98,7 +99,8 @@ def test_scale_rules():
 
 def test_kohya_names_of_the_real_sdxl():
     """sd-scripts' SDXL key names (sgm blocks) and the diffusers-named ones resolve onto the SDXL UNet and encoders."""
-    names = Names.of(preset_configs("sdxl"))
+    sdxl = preset_configs("sdxl")
+    names = Names.of(sdxl, model_shapes(sdxl, ("unet", "text_encoder", "text_encoder_2")))
     unet = {
         "input_blocks_4_1_transformer_blocks_0_attn1_to_k": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k",
         "input_blocks_7_1_transformer_blocks_3_attn2_to_out_0": "down_blocks.2.attentions.0.transformer_blocks.3.attn2.to_out.0",
@@ -147,8 +149,14 @@ def test_fusing_reads_one_tensor_at_a_time():
         def shape(self, key):
             return self.source.shape(key)
 
+        def dtype(self, key):
+            return self.source.dtype(key)
+
+        def __iter__(self):
+            return iter(self.source)
+
     checkpoint = read_sdxl(TINY_SDXL)
-    lora = read_lora(LORA / "peft.safetensors", checkpoint.configs)
+    lora = read_lora(LORA / "peft.safetensors", checkpoint.configs, SHAPES)
     lora._source = Counting(lora._source)
     base = Counting(checkpoint["unet"])
     fused = fuse({**checkpoint, "unet": base}, [(lora, 0.5)])
@@ -212,7 +220,7 @@ BAD = {
 def test_bad_lora_is_a_one_line_error(tmp_path, what):
     tensors, message = BAD[what]
     with pytest.raises(LoRAError) as err:
-        read_lora(_file(tmp_path, tensors), CONFIGS)
+        read_lora(_file(tmp_path, tensors), CONFIGS, SHAPES)
     assert message in str(err.value) and "\n" not in str(err.value)
 
 

@@ -65,14 +65,15 @@ def test_features_and_scores_match_transformers(ref, mode, layout):
 
 def other_encoder(folder: Path) -> Path:
     """An image encoder like the tiny one but projecting to 16: whole and loadable, the wrong partner."""
-    from mindone_story.pretrained import random_weights
+    from mindone_story.pretrained import model_shapes, random_weights
     from mindone_story.weights import save_safetensors
-    from mindone_story.weights.shapes import clip_vision_shapes
 
     folder.mkdir()
     cfg = {**json.loads((TINY_SDXL / "image_encoder" / "config.json").read_text()), "projection_dim": 16}
     (folder / "config.json").write_text(json.dumps(cfg))
-    save_safetensors(random_weights(clip_vision_shapes(cfg), "other"), folder / "model.safetensors")
+    save_safetensors(
+        random_weights(model_shapes({"image_encoder": cfg})["image_encoder"], "other"), folder / "model.safetensors"
+    )
     return folder
 
 

@@ -45,7 +45,8 @@ def test_full_size_keys_and_shapes(component, preset, manifest):
 def test_loading_is_strict_and_lists_the_keys():
     import numpy as np
 
-    from mindone_story.models.load import WeightMismatchError, load_state
+    from mindone_story.errors import LayoutError
+    from mindone_story.models.load import load_state
 
     config = json.loads((preset_dir("tiny/text_encoder") / "config.json").read_text())
     model = build_component("text_encoder", config)
@@ -55,10 +56,32 @@ def test_loading_is_strict_and_lists_the_keys():
     del state["text_model.final_layer_norm.bias"]
     state["text_model.encoder.layers.0.mlp.fc1.weight"] = np.zeros((3, 3), np.float32)
     state["text_model.extra.weight"] = np.zeros(1, np.float32)
-    with pytest.raises(WeightMismatchError) as err:
+    with pytest.raises(LayoutError) as err:
         load_state(model, state, "bad.safetensors")
     message = str(err.value)
     assert "bad.safetensors" in message
     assert "missing keys (1): text_model.final_layer_norm.bias" in message
     assert "unexpected keys (1): text_model.extra.weight" in message
-    assert "text_model.encoder.layers.0.mlp.fc1.weight: file (3, 3), model (37, 32)" in message
+    assert "text_model.encoder.layers.0.mlp.fc1.weight: file [3, 3], model [37, 32]" in message
+
+
+@pytest.mark.parametrize("name", ["ip_adapter_sdxl.json", "ip_adapter_plus_sdxl_vit_h.json"])
+def test_full_size_ip_adapter_cell_has_the_checkpoint_keys(name):
+    """The IPAdapter cell for the SDXL UNet is named like the checkpoints (image_proj.*, ip_adapter.<2k+1>.*), and
+    attn2 layer k is the module diffusers' load_ip_adapter gives index 2k + 1 (the recorded table)."""
+    from mindone_story.models.ip_adapter import attn2_layers
+    from mindone_story.pretrained import build_ip_adapter
+    from mindone_story.weights.layouts import describe_image_proj, preset_configs
+
+    want = {k: tuple(v) for k, v in _manifest(name)["tensors"].items()}
+
+    class Header(dict):  # describe_image_proj reads shapes only
+        shape = dict.__getitem__
+
+    info = describe_image_proj(Header(want), list(want), Path(name))
+    unet = build_component("unet", preset_configs("sdxl")["unet"])
+    assert parameter_shapes(build_ip_adapter(info, unet)) == want
+    table = _manifest("ip_adapter_sdxl_layer_order.json")["layers"]
+    assert {str(2 * k + 1): (m, h) for k, (m, h) in enumerate(attn2_layers(unet))} == {
+        i: (e["module"], e["hidden_size"]) for i, e in table.items()
+    }

@@ -314,6 +314,6 @@ def test_truncated_and_corrupt_bin(tmp_path):
     bad[start + 5] ^= 0xFF
     (tmp_path / "flip.bin").write_bytes(bytes(bad))
     f = TorchBinFile(tmp_path / "flip.bin")
-    key = next(k for k, r in f.tensors.items() if r.storage.key == "0")
+    key = next(k for k, r in f.refs.items() if r.storage.key == "0")
     with pytest.raises(WeightFileError, match=r"flip\.bin: corrupt data record"):
         f[key]

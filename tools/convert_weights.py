@@ -12,7 +12,7 @@ tensor in memory at a time) into a staging folder that is renamed to --output on
     text_encoder/ text_encoder_2/ config.json + model.safetensors
     scheduler/ model_index.json   (and tokenizer/, tokenizer_2/ when the input folder has them)
     image_encoder/                config.json + model.safetensors            (with --image_encoder)
-    ip_adapter/                   config.json + model.safetensors: image_proj.* and <attn2>.to_{k,v}_ip.weight
+    ip_adapter/                   config.json + model.safetensors: image_proj.* and ip_adapter.<i>.to_{k,v}_ip.weight
 
 Float tensors are cast to --dtype (bf16 rounds to nearest even); a cast that overflows fp16 is an error.
 """
@@ -32,6 +32,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mindone_story.errors import StoryError, main_guard  # noqa: E402
+from mindone_story.models.load import check_state  # noqa: E402
+from mindone_story.pretrained import build_component, build_ip_adapter, check_sdxl  # noqa: E402
 from mindone_story.weights import (  # noqa: E402
     LazyTensor,
     MappedWeights,
@@ -131,16 +133,21 @@ def convert(args: argparse.Namespace) -> int:
     own = {k: src / k / ("scheduler_config.json" if k == "scheduler" else "config.json") for k in _MODEL_INDEX}
     sdxl_cfgs = {k: v for k, v in configs.items() if k in own and not own[k].is_file()}
     enc_cfg = None if (enc / "config.json").is_file() else configs.get("image_encoder")
-    # Read and check everything first: a mismatch must stop the run before anything is written.
+    # Read and check everything first, against the models built without parameter memory: a mismatch must stop
+    # the run before anything is written.
     checkpoint = read_sdxl(src, sdxl_cfgs, args.variant)
+    models, _ = check_sdxl(checkpoint, str(src))
     parts: dict[str, MappedWeights] = dict(checkpoint)
     encoder = None
     if args.image_encoder:
         encoder = read_image_encoder(enc, enc_cfg)
+        check_state(build_component("image_encoder", encoder.config), encoder, f"{enc} (image encoder)")
         parts["image_encoder"] = encoder
     ip = None
     if args.ip_adapter:
         ip = read_ip_adapter(args.ip_adapter, checkpoint["unet"].config, encoder.config if encoder else None)
+        check_state(build_ip_adapter(ip.config, models["unet"]), ip, f"{args.ip_adapter} (IP-Adapter)")
+    del models
 
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -150,10 +157,11 @@ def convert(args: argparse.Namespace) -> int:
         for name, weights in parts.items():
             filename = _WEIGHTS_NAME.get(name, "model.safetensors")
             stats[name] = write_tensors(dict.fromkeys(weights, weights), staging / name, filename, weights.config, args)
-        if ip:  # one file under our names: image_proj.* and the UNet's <attn2>.to_{k,v}_ip.weight
-            owners = {k: part for part in ip.values() for k in part}
-            config = {"image_proj": ip["image_proj"].config, "source": Path(args.ip_adapter).name}
-            stats["ip_adapter"] = write_tensors(owners, staging / "ip_adapter", "model.safetensors", config, args)
+        if ip:  # one file under IP-Adapter's own names, which are ours
+            config = {"image_proj": ip.config, "source": Path(args.ip_adapter).name}
+            stats["ip_adapter"] = write_tensors(
+                dict.fromkeys(ip, ip), staging / "ip_adapter", "model.safetensors", config, args
+            )
         (staging / "scheduler").mkdir()
         (staging / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(checkpoint.configs["scheduler"], indent=2)
@@ -179,7 +187,7 @@ def convert(args: argparse.Namespace) -> int:
               f"{s['files']:>7}{s['seconds']:>7.1f}")  # fmt: skip
     total_t, total_p = sum(s["tensors"] for s in stats.values()), sum(s["params"] for s in stats.values())
     print(f"{'total':<16}{total_t:>9}{total_p:>16,}  {'':<13}{human(sum(s['bytes'] for s in stats.values())):>12}")
-    ignored = [(k, why) for w in [*parts.values(), *(ip or {}).values()] for k, why in w.ignored]
+    ignored = [(k, why) for w in [*parts.values(), *([ip] if ip else [])] for k, why in w.ignored]
     print(f"ignored ({len(ignored)}):" + "".join(f"\n  {k}: {why}" for k, why in ignored))
     if not (src / "tokenizer").is_dir():
         print("note: a single file has no tokenizers; put tokenizer/ and tokenizer_2/ (CLIP BPE files) into the output")

@@ -117,8 +117,24 @@ class IPKV(nn.Cell):
         self.to_v_ip = Linear(context_dim, hidden, bias=False)
 
 
+class _NoProcessor(nn.Cell):
+    """An attn1 layer's place in IP-Adapter's list of processors: it holds no weights."""
+
+
+def attn2_layers(unet) -> list[tuple[str, int]]:
+    """The UNet's cross-attention (attn2) modules as (path, hidden size), in the order of diffusers'
+    ``unet.attn_processors``: down blocks, up blocks, then the mid block (diffusers registers ``up_blocks`` before
+    ``mid_block``), attn1 and attn2 of each transformer block in turn. IP-Adapter numbers its weights in that order."""
+    rank = {"down_blocks": 0, "up_blocks": 1, "mid_block": 2}
+    found = [(name, cell.to_q.out_features) for name, cell in unet.cells_and_names() if name.endswith(".attn2")]
+    return sorted(found, key=lambda item: rank[item[0].split(".", 1)[0]])  # stable: keeps the order inside a group
+
+
 class IPAdapter(nn.Cell):
-    """``image_proj.*`` and ``layers.<k>.to_{k,v}_ip`` for the k-th attn2 module of ``modules`` (IP-Adapter order).
+    """``image_proj.*`` and ``ip_adapter.<2k+1>.to_{k,v}_ip`` for the k-th attn2 module of ``modules`` (from
+    ``attn2_layers``): IP-Adapter's own names. Its ``adapter_modules`` is one module per attention processor of the
+    UNet, attn1 and attn2 alternating, and only the attn2 ones hold weights, so the checkpoint's indices are odd; the
+    same list here gives the same names, and a checkpoint loads under its own keys.
 
     ``info`` describes the projection as ``weights.layouts.describe_image_proj`` reads it from a file.
     """
@@ -142,7 +158,7 @@ class IPAdapter(nn.Cell):
             )
         else:
             raise ValueError(f"unknown image projection {info['kind']!r}")
-        self.layers = nn.CellList([IPKV(hidden, ctx) for _, hidden in modules])
+        self.ip_adapter = nn.CellList([cell for _, h in modules for cell in (_NoProcessor(), IPKV(h, ctx))])
         self.heads: tuple[int, ...] | None = None  # each attn2 layer's heads, set by install()
 
     @property
@@ -164,10 +180,12 @@ class IPAdapter(nn.Cell):
         """Reference tokens [2, T, ctx] (uncond, cond) -> per-layer keys and values, each [2, heads_l, T, d_l]."""
         if self.heads is None:
             raise RuntimeError("install(unet, ip_adapter) first: the K/V are split into the UNet's heads")
-        return (
-            tuple(split_heads(layer.to_k_ip(tokens), h) for layer, h in zip(self.layers, self.heads)),
-            tuple(split_heads(layer.to_v_ip(tokens), h) for layer, h in zip(self.layers, self.heads)),
-        )
+        keys, values = (), ()
+        for k, h in enumerate(self.heads):
+            layer = self.ip_adapter[2 * k + 1]
+            keys += (split_heads(layer.to_k_ip(tokens), h),)
+            values += (split_heads(layer.to_v_ip(tokens), h),)
+        return keys, values
 
 
 class DecoupledCrossAttention(nn.Cell):

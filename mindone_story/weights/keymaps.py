@@ -8,35 +8,40 @@ Each ``*_key`` function takes a source key (its component prefix removed) and re
 - ``transpose``: OpenCLIP's ``text_projection`` is used as ``x @ P``; the HF Linear weight is ``P.T``;
 - ``q`` / ``k`` / ``v``: one third (rows) of OpenCLIP's fused ``in_proj_weight`` [3h, h] / ``in_proj_bias`` [3h].
 
-``plan(source, key_fn, expected)`` applies a map to every key of a lazy source, checks each produced shape against
-``expected`` (from ``shapes.py``), and raises ``LayoutError`` listing missing, unexpected and mis-shaped keys (the
-first ten of each and how many in all). Known extras (position_ids, logit_scale, denoiser.sigmas) are skipped by
-name and reported in ``MappedWeights.ignored``. Nothing is read until a tensor is accessed.
+``map_keys(source, key_fn, name)`` applies a map to every key of a lazy source and gives ``MappedWeights`` (our key ->
+lazy tensor, with the source keys it could not place and the targets produced twice). ``check(expected, weights,
+name)`` is the one strict check, against the model's own parameter shapes: it raises one ``LayoutError`` listing
+missing, unexpected and mis-shaped keys and keys produced twice (the first ten of each and how many in all). Known
+extras (position_ids, logit_scale, denoiser.sigmas) are skipped by name and reported in ``MappedWeights.ignored``.
+Nothing is read until a tensor is accessed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from typing import Any
 
 import numpy as np
 
-from .shapes import Shapes, as_dict
+from ..errors import LayoutError
+from .safetensors_io import LazyTensor, LazyWeights
 
 Op = str
 KeyFn = Callable[[str], list[tuple[str, Op]]]
+Shapes = dict[str, tuple[int, ...]]
+LazySource = LazyWeights  # (the name the readers' signatures use)
 
 
-class LayoutError(ValueError):
-    """A checkpoint does not fit the expected layout or model family; the message says which keys and why."""
-
-
-class LazySource(Protocol):
-    def __getitem__(self, key: str) -> np.ndarray: ...
-    def __iter__(self) -> Iterator[str]: ...
-    def shape(self, key: str) -> tuple[int, ...]: ...
-    def dtype(self, key: str) -> str: ...
+def as_dict(config: Any) -> dict[str, Any]:
+    """A config as a plain dict: a dict, a dataclass, or any object with attributes (the models' config classes)."""
+    if isinstance(config, Mapping):
+        return dict(config)
+    if dataclasses.is_dataclass(config):
+        return dataclasses.asdict(config)
+    return dict(vars(config))
 
 
 # Keys that real files carry but our models do not need: skipped by name, never silently.
@@ -226,102 +231,114 @@ def hf_clip_key(key: str) -> list[tuple[str, Op]]:
     return [(key, "copy")]
 
 
-def ip_adapter_key_fn(modules: Sequence[str]) -> KeyFn:
-    """IP-Adapter ``ip_adapter.<i>.to_{k,v}_ip.weight``: i is the position in diffusers' attn_processors, odd for
-    the attn2 of ``modules[(i - 1) // 2]``; ``image_proj.*`` keeps IP-Adapter's names. Our own names pass as is."""
-    own = {f"{m}.to_{kv}_ip.weight" for m in modules for kv in "kv"}
-
-    def key_fn(key: str) -> list[tuple[str, Op]]:
-        if key.startswith("image_proj.") or key in own:
-            return [(key, "copy")]
-        m = re.fullmatch(r"ip_adapter\.(\d+)\.(to_k_ip|to_v_ip)\.weight", key)
-        if m and int(m.group(1)) % 2 == 1 and int(m.group(1)) // 2 < len(modules):
-            return [(f"{modules[int(m.group(1)) // 2]}.{m.group(2)}.weight", "copy")]
-        return []
-
-    return key_fn
+def ip_adapter_key(key: str) -> list[tuple[str, Op]]:
+    """IP-Adapter's own keys are the IPAdapter cell's: ``image_proj.*`` and ``ip_adapter.<i>.to_{k,v}_ip.weight``."""
+    return [(key, "copy")] if key.startswith(("image_proj.", "ip_adapter.")) else []
 
 
-# ---- the strict plan ------------------------------------------------------------------------------------------
+# ---- mapping, and the one strict check --------------------------------------------------------------------------
 
 
 def listing(title: str, items: list[str]) -> str:
     return f"{title} ({len(items)}): " + ", ".join(items[:10]) + (", ..." if len(items) > 10 else "")
 
 
-class MappedWeights(Mapping[str, np.ndarray]):
-    """Our key -> np.ndarray, read lazily from a checked source; ``ignored`` lists (source key, why)."""
+class MappedWeights(LazyWeights):
+    """Our key -> np.ndarray, read lazily from ``source`` through a key map. ``rules``: our key -> (source key, op);
+    ``ignored``: (source key, why) of known extras; ``unmapped``: source keys the map could not place; ``twice``:
+    our keys that two source keys produce. ``check`` reports the last two with the model's own mismatches."""
 
-    def __init__(self, source: LazySource, rules: dict[str, tuple[str, Op, tuple[int, ...]]], name: str):
-        self._source, self._rules, self.name = source, rules, name
+    def __init__(self, source: LazyWeights, name: str):
+        self.source, self.name = source, name
+        self.tensors: dict[str, LazyTensor] = {}
+        self.rules: dict[str, tuple[str, Op]] = {}
         self.ignored: list[tuple[str, str]] = []
+        self.unmapped: list[str] = []
+        self.twice: list[str] = []
         self.config: dict[str, Any] = {}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        src, op, _ = self._rules[key]
-        return apply_op(op, self._source[src])
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._rules[key][2]
-
-    def dtype(self, key: str) -> str:
-        return self._source.dtype(self._rules[key][0])
 
     def rule(self, key: str) -> tuple[str, Op]:
         """(source key, op) that produces ``key``."""
-        return self._rules[key][:2]
+        return self.rules[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._rules)
-
-    def __len__(self) -> int:
-        return len(self._rules)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._rules
+    @property
+    def files(self) -> list:
+        return self.source.files
 
     def __repr__(self) -> str:
         return f"MappedWeights({self.name!r}, {len(self)} tensors, {len(self.ignored)} ignored)"
 
 
-def plan(
-    source: LazySource, key_fn: KeyFn, expected: Shapes, name: str, keys: Sequence[str] | None = None, strip: str = ""
+def _load(source: LazyWeights, key: str, op: Op) -> np.ndarray:
+    return apply_op(op, source[key])
+
+
+def map_keys(
+    source: LazyWeights, key_fn: KeyFn, name: str, keys: Sequence[str] | None = None, strip: str = ""
 ) -> MappedWeights:
-    """Map ``keys`` (default: all of ``source``; ``strip`` is removed from their front before ``key_fn``) onto
-    ``expected``; raise LayoutError unless every expected key is produced once with its expected shape."""
-    rules: dict[str, tuple[str, Op, tuple[int, ...]]] = {}
-    ignored, unexpected, bad_shape, twice, mis_shaped = [], [], [], [], set()
+    """Map ``keys`` (default: all of ``source``; ``strip`` is removed from their front before ``key_fn``) onto our
+    names, from the headers alone. Nothing is checked against a model here: that is ``check``'s one job."""
+    out = MappedWeights(source, name)
     for src in source if keys is None else keys:
         why = known_extra(src)
         if why:
-            ignored.append((src, why))
+            out.ignored.append((src, why))
             continue
         targets = key_fn(src[len(strip) :])
-        if not targets or any(t not in expected for t, _ in targets):
-            unexpected.append(src)
+        if not targets:
+            out.unmapped.append(src)
             continue
+        shape = tuple(source.shape(src))
         for target, op in targets:
-            got = op_shape(op, tuple(source.shape(src)))
-            if got != expected[target]:
-                bad_shape.append(f"{src} {list(source.shape(src))} -> {target} expects {list(expected[target])}")
-                mis_shaped.add(target)
-            elif target in rules:
-                twice.append(f"{target} (from {rules[target][0]} and {src})")
-            else:
-                rules[target] = (src, op, got)
-    missing = [k for k in expected if k not in rules and k not in mis_shaped]
+            if target in out.rules:
+                out.twice.append(f"{target} (from {out.rules[target][0]} and {src})")
+                continue
+            out.rules[target] = (src, op)
+            got = op_shape(op, shape) or shape  # an op that cannot apply leaves a shape the check refuses
+            out.tensors[target] = LazyTensor(got, source.dtype(src), partial(_load, source, src, op))
+    return out
+
+
+def check(expected: Mapping[str, tuple[int, ...]], weights: Mapping[str, Any], name: str) -> list[str]:
+    """The one strict check: ``weights`` (a lazy source, ``MappedWeights`` or a dict of arrays) against the model's
+    parameter shapes ``expected``. Raises one LayoutError listing every problem; returns the ignored source keys."""
+    shape_of = getattr(weights, "shape", None)
+    shapes = {k: tuple(shape_of(k) if callable(shape_of) else np.shape(weights[k])) for k in weights}
+    rules = getattr(weights, "rules", {})
+
+    def named(k: str) -> str:
+        src = rules.get(k, (k,))[0]
+        return k if src == k else f"{k} (from {src})"
+
+    ignored = [k for k, _ in getattr(weights, "ignored", [])]
+    ignored += [k for k in shapes if k not in expected and known_extra(k)]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = list(getattr(weights, "unmapped", []))
+    unexpected += [named(k) for k in shapes if k not in expected and not known_extra(k)]
+    wrong = [
+        f"{named(k)}: file {list(shapes[k])}, model {list(expected[k])}"
+        for k in expected
+        if k in shapes and shapes[k] != tuple(expected[k])
+    ]
     problems = [
         listing(title, items)
         for title, items in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
-            ("shape mismatches", bad_shape),
-            ("keys produced twice", twice),
+            ("shape mismatches", wrong),
+            ("keys produced twice", list(getattr(weights, "twice", []))),
         )
         if items
     ]
     if problems:
-        raise LayoutError(f"{name}: the checkpoint does not match our parameters:\n  " + "\n  ".join(problems))
-    out = MappedWeights(source, rules, name)
-    out.ignored = ignored
-    return out
+        raise LayoutError(f"{name}: the weights do not fit the model:\n  " + "\n  ".join(problems))
+    return ignored
+
+
+def plan(
+    source: LazyWeights, key_fn: KeyFn, expected: Shapes, name: str, keys: Sequence[str] | None = None, strip: str = ""
+) -> MappedWeights:
+    """``map_keys`` then ``check`` (for a caller that has the expected shapes at hand)."""
+    mapped = map_keys(source, key_fn, name, keys, strip)
+    check(expected, mapped, name)
+    return mapped

@@ -1,8 +1,10 @@
-"""Public entry points: read any supported checkpoint as lazy, strictly checked Mapping[our key, np.ndarray].
+"""Public entry points: find a checkpoint's files, read their headers and map the keys onto our names, lazily.
 
-The key maps themselves (one per layout: sgm UNet, ldm VAE, OpenCLIP text, diffusers, HF CLIP, IP-Adapter) and the
-strict ``plan`` live in ``keymaps.py``; our names and shapes per config in ``shapes.py``. This module detects the
-layout and the model family from the keys and applies the right maps.
+This module detects the layout and the model family from the keys and applies the layout's key map (one per layout,
+in ``keymaps.py``: sgm UNet, ldm VAE, OpenCLIP text, diffusers, HF CLIP). Our names and shapes are the models' own
+(``models.load.parameter_shapes`` of a model built without parameter memory), so the check against them,
+``keymaps.check``, runs once where the model is at hand (``pretrained.load_sdxl``, the converter), before any
+tensor is read.
 
 - ``read_sdxl(path, configs=None, variant=None) -> SDXLCheckpoint``, a Mapping component -> ``MappedWeights`` over
   ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, with ``.configs`` (those four and ``scheduler``),
@@ -10,16 +12,16 @@ layout and the model family from the keys and applies the right maps.
   ``.ckpt/.bin``) or a diffusers folder (``unet/diffusion_pytorch_model[.fp16].safetensors``, possibly sharded, or
   ``.bin``; ``text_encoder*/model[.fp16].safetensors``). ``configs`` maps a component to its config (dict,
   dataclass or path); the defaults are a folder's own ``config.json`` files, else ``presets/sdxl``.
-- ``read_ip_adapter(path, unet_config=None, image_encoder_config=None) -> dict[str, MappedWeights]`` with
-  ``image_proj`` (keys ``image_proj.*``) and ``unet`` (keys ``<attn2 module>.to_k_ip.weight`` / ``.to_v_ip.weight``);
-  ``result["image_proj"].config`` describes the projection. A given image encoder config is checked against it.
+- ``read_ip_adapter(path, unet_config=None, image_encoder_config=None) -> MappedWeights`` under the file's own keys
+  (``image_proj.*``, ``ip_adapter.<i>.to_{k,v}_ip.weight``, which are the IPAdapter cell's names); ``.config``
+  describes the projection. The UNet's context width and a given image encoder config are checked against it.
 - ``read_image_encoder(path, config=None) -> MappedWeights`` (CLIPVisionModelWithProjection; file or folder).
 - ``open_weights(path)`` opens one file lazily (safetensors, a shard index, or a torch zip via the safe unpickler).
 
-Errors: ``LayoutError`` for a wrong family (SD1.x, SD2.x, SDXL refiner, Flux, SD3, LoRA), a missing component,
-an IP-Adapter / image encoder mismatch, or missing / unexpected / mis-shaped keys; ``WeightFileError`` for a
-missing, truncated or corrupt file; ``UnsafePickleError`` for a pickle that asks for a forbidden global.
-Every read is lazy: shapes come from headers and a tensor is read when it is accessed.
+Errors: ``LayoutError`` for a wrong family (SD1.x, SD2.x, SDXL refiner, Flux, SD3, LoRA), a missing component or
+an IP-Adapter / image encoder mismatch (and, from ``check``, missing / unexpected / mis-shaped keys);
+``WeightFileError`` for a missing, truncated or corrupt file; ``UnsafePickleError`` for a pickle that asks for a
+forbidden global. Every read is lazy: shapes come from headers and a tensor is read when it is accessed.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from typing import Any
 
 from ..config import PRESETS
 from . import keymaps as L
-from . import shapes as S
 from .keymaps import LayoutError, MappedWeights
 from .safetensors_io import SafetensorsFile, ShardedSafetensors, WeightFileError
 from .torch_bin import TorchBinFile, UnsafePickleError
@@ -83,19 +84,11 @@ def open_weights(path: str | os.PathLike) -> SafetensorsFile | ShardedSafetensor
 def load_config(config: Any) -> dict[str, Any]:
     if isinstance(config, (str, os.PathLike)):
         return json.loads(Path(config).read_text())
-    return S.as_dict(config)
+    return L.as_dict(config)
 
 
 def preset_configs(name: str = "sdxl") -> dict[str, dict[str, Any]]:
     return {c: load_config(PRESETS / name / c / "config.json") for c in SDXL_COMPONENTS}
-
-
-def _expected(component: str, cfg: dict[str, Any]) -> S.Shapes:
-    if component == "unet":
-        return S.unet_shapes(cfg)
-    if component == "vae":
-        return S.vae_shapes(cfg)
-    return S.clip_text_shapes(cfg, with_projection=component == "text_encoder_2")
 
 
 # ---- family detection -------------------------------------------------------------------------------------------
@@ -147,7 +140,7 @@ def map_single_file(source: L.LazySource, configs: dict[str, dict[str, Any]], pa
     for comp, prefix in _SGM_PREFIX.items():
         ks = [k for k in keys if k.startswith(prefix)]
         claimed.update(ks)
-        out[comp] = L.plan(source, _sgm_key_fn(comp, configs[comp]), _expected(comp, configs[comp]), comp, ks, prefix)
+        out[comp] = L.map_keys(source, _sgm_key_fn(comp, configs[comp]), comp, ks, prefix)
         out[comp].config = configs[comp]
     rest = [k for k in keys if k not in claimed]
     extras = [(k, L.known_extra(k)) for k in rest if L.known_extra(k)]
@@ -213,7 +206,7 @@ def _read_folder(path: Path, configs: dict[str, Any], variant: str | None) -> di
             cfg = preset_configs()[comp]
         source = open_weights(find_weights(folder, "diffusers" if comp in ("unet", "vae") else "transformers", variant))
         key_fn = L.diffusers_key if comp in ("unet", "vae") else L.hf_clip_key
-        out[comp] = L.plan(source, key_fn, _expected(comp, cfg), comp)
+        out[comp] = L.map_keys(source, key_fn, comp)
         out[comp].config = cfg
     return out
 
@@ -228,9 +221,10 @@ class SDXLCheckpoint(Mapping[str, L.MappedWeights]):
         files: list[Path],
         tokenizer_root: Path,
         layout: str = "",
+        path: Path | None = None,
     ):
         self.weights, self.configs, self.files, self.tokenizer_root = weights, configs, files, tokenizer_root
-        self.layout = layout  # "diffusers folder" or "sgm single file"
+        self.layout, self.path = layout, path  # "diffusers folder" or "sgm single file"; what was read
         self._fingerprint: str | None = None
 
     def __getitem__(self, component: str) -> L.MappedWeights:
@@ -264,11 +258,6 @@ def files_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def _files_of(source: Any) -> list[Path]:
-    files = getattr(source, "_files", None)  # a shard index: its shards
-    return [f.path for f in files.values()] if files else [source.path]
-
-
 def read_sdxl(
     path: str | os.PathLike, configs: Mapping[str, Any] | None = None, variant: str | None = None
 ) -> SDXLCheckpoint:
@@ -289,9 +278,9 @@ def read_sdxl(
     all_configs["scheduler"] = given.get("scheduler") or load_config(
         sched if sched.is_file() else PRESETS / "sdxl" / "scheduler" / "scheduler_config.json"
     )
-    files = sorted({f for w in weights.values() for f in _files_of(w._source)})
+    files = sorted({f for w in weights.values() for f in w.files})
     layout = "diffusers folder" if path.is_dir() else "sgm single file"
-    return SDXLCheckpoint(weights, all_configs, files, root, layout)
+    return SDXLCheckpoint(weights, all_configs, files, root, layout, path)
 
 
 # ---- image encoder and IP-Adapter -------------------------------------------------------------------------------
@@ -320,9 +309,7 @@ def read_image_encoder(path: str | os.PathLike, config: Any = None) -> L.MappedW
     cfg = load_config(config)
     # A full CLIPModel file also holds the text tower; the image encoder does not use it.
     text = [k for k in keys if k.startswith(("text_model.", "text_projection."))]
-    mapped = L.plan(
-        source, L.hf_clip_key, S.clip_vision_shapes(cfg), "image_encoder", [k for k in keys if k not in text]
-    )
+    mapped = L.map_keys(source, L.hf_clip_key, "image_encoder", [k for k in keys if k not in text])
     mapped.ignored += [(k, "text tower of a full CLIPModel; unused") for k in text]
     mapped.config = cfg
     return mapped
@@ -365,17 +352,15 @@ def check_image_encoder(info: Mapping[str, Any], encoder: Mapping[str, Any], pat
 
 def read_ip_adapter(
     path: str | os.PathLike, unet_config: Any = None, image_encoder_config: Any = None
-) -> dict[str, L.MappedWeights]:
-    """An IP-Adapter (.bin nested dicts, flat .safetensors, or our converted names) onto our names."""
+) -> MappedWeights:
+    """An IP-Adapter (.bin nested dicts or flat .safetensors: the same keys) under its own keys, which are ours."""
     path = Path(path)
     if path.is_dir():
         path = next((p for p in (path / "model.safetensors", path / "ip_adapter.safetensors") if p.is_file()), path)
     return map_ip_adapter(open_weights(path), unet_config, image_encoder_config, path)
 
 
-def map_ip_adapter(
-    source: L.LazySource, unet_config: Any, image_encoder_config: Any, path: Path
-) -> dict[str, L.MappedWeights]:
+def map_ip_adapter(source: L.LazySource, unet_config: Any, image_encoder_config: Any, path: Path) -> MappedWeights:
     """Map an IP-Adapter given as any lazy source (see read_ip_adapter)."""
     keys = list(source)
     if not any(k.startswith("image_proj.") for k in keys):
@@ -390,16 +375,6 @@ def map_ip_adapter(
         )
     if image_encoder_config is not None:
         check_image_encoder(info, load_config(image_encoder_config), path)
-    modules = [m for m, _ in S.ip_adapter_modules(ucfg)]
-    expected = S.ip_adapter_shapes(ucfg, info)
-    key_fn = L.ip_adapter_key_fn(modules)
-    proj_keys = [k for k in keys if k.startswith("image_proj.")]
-    proj_expected = {k: v for k, v in expected.items() if k.startswith("image_proj.")}
-    unet_expected = {k: v for k, v in expected.items() if not k.startswith("image_proj.")}
-    out = {
-        "image_proj": L.plan(source, key_fn, proj_expected, "ip_adapter.image_proj", proj_keys),
-        "unet": L.plan(source, key_fn, unet_expected, "ip_adapter.unet", [k for k in keys if k not in proj_keys]),
-    }
-    out["image_proj"].config = info
-    out["unet"].config = {"modules": modules}
+    out = L.map_keys(source, L.ip_adapter_key, "ip_adapter")
+    out.config = info
     return out

@@ -1,7 +1,8 @@
 """LoRA files, fused into the SDXL weights as those load: ``W' = W + multiplier * scale * up @ down``.
 
 One key table per published layout; each turns a file key into (component, our module, role), role being
-``down``, ``up`` or ``alpha``. Our module names are the diffusers / transformers ones of ``shapes.py``.
+``down``, ``up`` or ``alpha``. Our module names and weight shapes are the models' own (``models.load.parameter_shapes``
+of each component, passed in as ``shapes``): the diffusers / transformers names.
 
 - ``kohya`` (sd-scripts, also LyCORIS' plain LoRA/LoCon): ``lora_unet_<module>.lora_down.weight`` / ``.lora_up.weight``
   / ``.alpha``, the module path with ``.`` written ``_``, in sgm names (``input_blocks_4_1_transformer_blocks_0_
@@ -18,7 +19,7 @@ One key table per published layout; each turns a file key into (component, our m
   ``[unet.]<attention>.processor.to_{q,k,v,out}_lora.{down,up}.weight``.
   The last two store no alpha and take the peft rule without metadata.
 
-``read_lora(path, configs)`` maps a file strictly before any weight is read: every key must land on a Linear or
+``read_lora(path, configs, shapes)`` maps a file strictly before any weight is read: every key must land on a Linear or
 Conv weight of ours with compatible shapes, or ``LoRAError`` lists the keys it could not place (the first ten and
 how many), and names the family of an SD1.x / SD2.x LoRA. ``fuse(weights, loras)`` wraps each component's lazy
 weights so that a tensor is fused when it is read: memory holds one base tensor and one delta at a time.
@@ -31,17 +32,17 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import keymaps as L
-from . import shapes as S
-from .layouts import _expected, files_fingerprint, open_weights
-from .safetensors_io import WeightFileError
+from .layouts import files_fingerprint, open_weights
+from .safetensors_io import LazyTensor, LazyWeights, WeightFileError
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 _CONTEXT_FAMILY = {768: "Stable Diffusion 1.x", 1024: "Stable Diffusion 2.x", 1280: "the SDXL refiner"}
@@ -58,7 +59,7 @@ def flat(name: str) -> str:
 # ---- our LoRA-able modules and their names in each layout -------------------------------------------------------
 
 
-def lora_modules(expected: S.Shapes) -> dict[str, tuple[int, ...]]:
+def lora_modules(expected: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """Our modules a LoRA can change: Linear and Conv2d weights (the token and position tables are not layers)."""
     return {
         k[: -len(".weight")]: shape
@@ -74,7 +75,7 @@ def sgm_unet_modules(unet_config: Any, ours: Mapping[str, Any]) -> dict[str, str
     inner = set(L._RESNET) | {"op", "conv"}
     inner |= {m.split(".", 4)[4] for m in ours if re.match(r"\w+\.\d+\.attentions\.\d+\.", m)}
     inner |= {m.split(".", 3)[3] for m in ours if m.startswith("mid_block.attentions.0.")}
-    cfg = S.as_dict(unet_config)
+    cfg = L.as_dict(unet_config)
     n = len(cfg["block_out_channels"]) * (cfg["layers_per_block"] + 1) + 1  # input_blocks.0 .. input_blocks.n-1
     candidates = list(L._UNET_TOP)
     blocks = [f"{kind}.{i}.{j}" for kind in ("input_blocks", "output_blocks") for i in range(n) for j in range(3)]
@@ -97,15 +98,16 @@ class Names:
     context: int  # the UNet's cross_attention_dim, for naming the family of a LoRA made for another
 
     @classmethod
-    def of(cls, configs: Mapping[str, Any]) -> Names:
-        modules = {c: lora_modules(_expected(c, S.as_dict(configs[c]))) for c in COMPONENTS}
+    def of(cls, configs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, tuple[int, ...]]]) -> Names:
+        """From the components' configs and their models' parameter shapes."""
+        modules = {c: lora_modules(shapes[c]) for c in COMPONENTS}
         kohya = {c: {flat(m): m for m in modules[c]} for c in COMPONENTS}
         sgm = {flat(s): m for s, m in sgm_unet_modules(configs["unet"], modules["unet"]).items()}
         clash = [k for k in sgm if k in kohya["unet"] and kohya["unet"][k] != sgm[k]]
         if clash:  # cannot happen for SDXL: sgm and diffusers block names differ
             raise AssertionError(f"ambiguous flattened UNet names: {clash[:5]}")
         kohya["unet"] |= sgm
-        return cls(modules, kohya, S.as_dict(configs["unet"])["cross_attention_dim"])
+        return cls(modules, kohya, L.as_dict(configs["unet"])["cross_attention_dim"])
 
 
 # ---- the key tables ---------------------------------------------------------------------------------------------
@@ -264,12 +266,15 @@ def _check_pair(weight: tuple[int, ...], down: tuple[int, ...], up: tuple[int, .
     return None
 
 
-def read_lora(path: str | os.PathLike, configs: Mapping[str, Any]) -> LoRA:
-    """Map one LoRA file onto the models described by ``configs`` (``unet``, ``text_encoder``, ``text_encoder_2``)."""
+def read_lora(
+    path: str | os.PathLike, configs: Mapping[str, Any], shapes: Mapping[str, Mapping[str, tuple[int, ...]]]
+) -> LoRA:
+    """Map one LoRA file onto the models of ``configs`` with parameter ``shapes`` (``unet``, ``text_encoder``,
+    ``text_encoder_2``; ``pretrained.model_shapes`` gives them without allocating weights)."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: LoRA file not found")
-    return map_lora(open_weights(path), Names.of(configs), path)
+    return map_lora(open_weights(path), Names.of(configs, shapes), path)
 
 
 def map_lora(source: L.LazySource, names: Names, path: Path) -> LoRA:
@@ -344,34 +349,25 @@ def map_lora(source: L.LazySource, names: Names, path: Path) -> LoRA:
 # ---- fusing -----------------------------------------------------------------------------------------------------
 
 
-class FusedWeights(Mapping[str, np.ndarray]):
+class FusedWeights(LazyWeights):
     """A component's lazy weights with LoRA deltas added as each tensor is read (float32, then the caller casts)."""
 
-    def __init__(self, base: Mapping[str, np.ndarray], deltas: dict[str, list[tuple[LoRA, Module, float]]]):
+    def __init__(self, base: LazyWeights, deltas: dict[str, list[tuple[LoRA, Module, float]]]):
         self._base, self._deltas = base, deltas
         self.config = getattr(base, "config", {})
         self.ignored = getattr(base, "ignored", [])
+        self.tensors = {
+            k: LazyTensor(tuple(base.shape(k)), "F32", partial(self._fused, k))
+            if k in deltas
+            else LazyTensor(tuple(base.shape(k)), base.dtype(k), partial(base.__getitem__, k))
+            for k in base
+        }
 
-    def __getitem__(self, key: str) -> np.ndarray:
-        w = self._base[key]
-        if key not in self._deltas:
-            return w
-        w = np.array(w, np.float32)
+    def _fused(self, key: str) -> np.ndarray:
+        w = np.array(self._base[key], np.float32)
         for lora, module, multiplier in self._deltas[key]:
             w += np.float32(multiplier) * lora.delta(module).reshape(w.shape)
         return w
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._base.shape(key))  # type: ignore[attr-defined]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._base)
-
-    def __len__(self) -> int:
-        return len(self._base)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._base
 
 
 def fuse(weights: Mapping[str, Mapping[str, np.ndarray]], loras: Sequence[tuple[LoRA, float]]) -> dict[str, Mapping]:

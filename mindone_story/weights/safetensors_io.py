@@ -14,6 +14,7 @@ writes the ``*.safetensors.index.json`` that diffusers and transformers read.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mmap
@@ -135,7 +136,56 @@ def _decode(raw: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     return raw.reshape(shape)
 
 
-class SafetensorsFile(Mapping[str, np.ndarray]):
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor whose shape and stored dtype are known before its data is read (or, for writing, produced)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # safetensors dtype name; "BF16" loads as float32 (exact), and the writer also takes its uint16 bits
+    load: Callable[[], np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+
+class LazyWeights(Mapping[str, np.ndarray]):
+    """The one lazy source: name -> ``LazyTensor`` in ``self.tensors``, read as name -> np.ndarray on access.
+
+    Every reader (a safetensors file, a shard index, a torch zip, a key-mapped view, a LoRA-fused view, random
+    weights in the benchmarks) only fills ``tensors``; shape, dtype and iteration come from here."""
+
+    tensors: dict[str, LazyTensor]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.tensors[key].load()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.tensors[key].shape
+
+    def dtype(self, key: str) -> str:
+        """The stored safetensors dtype name ("F16", "BF16", ...); reads return float32 for BF16."""
+        return self.tensors[key].dtype
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.tensors
+
+    @property
+    def files(self) -> list[Path]:
+        """The files read (for fingerprints)."""
+        return [self.path]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(getattr(self, 'path', ''))!r}, {len(self)} tensors)"
+
+
+class SafetensorsFile(LazyWeights):
     """A lazy, read-only mapping key -> np.ndarray over one .safetensors file (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -149,10 +199,13 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         if 8 + n <= size and n <= _MAX_HEADER:
             head += os.pread(self._fd, n, 8)
         self._infos, self.metadata = _parse_header(self.path, size, head)
+        self.tensors = {
+            k: LazyTensor(i.shape, i.dtype, functools.partial(self._read, k)) for k, i in self._infos.items()
+        }
         self._mmap: mmap.mmap | None = None
 
-    def __getitem__(self, key: str) -> np.ndarray:
-        info = self.info(key)
+    def _read(self, key: str) -> np.ndarray:
+        info = self._infos[key]
         if info.dtype not in _STORED:
             raise WeightFileError(f"{self.path}: tensor {key!r} has dtype {info.dtype}, which is not supported")
         raw = np.empty(info.nbytes // _STORED[info.dtype].itemsize, _STORED[info.dtype])
@@ -180,22 +233,6 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         except KeyError:
             raise KeyError(f"{key!r} is not in {self.path}") from None
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.info(key).shape
-
-    def dtype(self, key: str) -> str:
-        """The stored safetensors dtype name ("F16", "BF16", ...); reads return float32 for BF16."""
-        return self.info(key).dtype
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._infos
-
     def close(self) -> None:
         if self._mmap is not None:
             self._mmap = None  # numpy views may still hold it; the mmap closes when they go
@@ -215,11 +252,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         except Exception:
             pass
 
-    def __repr__(self) -> str:
-        return f"SafetensorsFile({str(self.path)!r}, {len(self)} tensors)"
 
-
-class ShardedSafetensors(Mapping[str, np.ndarray]):
+class ShardedSafetensors(LazyWeights):
     """A lazy mapping over the shards named by a ``*.safetensors.index.json`` (diffusers / transformers)."""
 
     def __init__(self, index_path: str | os.PathLike):
@@ -235,37 +269,11 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
         for k, f in self._where.items():
             if k not in f:
                 raise WeightFileError(f"{self.path}: {k!r} is listed for {f.path.name} but that shard lacks it")
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._where[key][key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._where[key].shape(key)
-
-    def dtype(self, key: str) -> str:
-        return self._where[key].dtype(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._where
-
-
-@dataclass(frozen=True)
-class LazyTensor:
-    """A tensor to be written whose shape and stored dtype are known before its data exists."""
-
-    shape: tuple[int, ...]
-    dtype: str  # safetensors dtype name; for "BF16", load() returns the uint16 bits
-    load: Callable[[], np.ndarray]
+        self.tensors = {k: f.tensors[k] for k, f in self._where.items()}
 
     @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+    def files(self) -> list[Path]:
+        return [f.path for f in self._files.values()]
 
 
 def _as_lazy(v: np.ndarray | LazyTensor) -> LazyTensor:
@@ -297,6 +305,8 @@ def save_safetensors(
             f.write(struct.pack("<Q", len(blob)) + blob)
             for k, t in items:
                 a = np.asarray(t.load())
+                if t.dtype == "BF16" and a.dtype == np.float32:  # values as a reader gives them: round to BF16 bits
+                    a = f32_to_bf16_bits(a)
                 a = a if a.flags.c_contiguous else a.copy(order="C")  # (ascontiguousarray makes 0-d arrays 1-d)
                 if tuple(a.shape) != t.shape or a.nbytes != t.nbytes:
                     raise ValueError(f"{k!r}: produced {a.dtype}{list(a.shape)}, planned {t.dtype}{list(t.shape)}")

@@ -18,14 +18,15 @@ import math
 import os
 import pickle
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .safetensors_io import WeightFileError, bf16_bits_to_f32
+from .safetensors_io import LazyTensor, LazyWeights, WeightFileError, bf16_bits_to_f32
 
 
 class UnsafePickleError(WeightFileError):
@@ -175,7 +176,7 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, TensorRef], extras: dict[
         extras[prefix[:-1]] = obj
 
 
-class TorchBinFile(Mapping[str, np.ndarray]):
+class TorchBinFile(LazyWeights):
     """A lazy, read-only mapping key -> np.ndarray over a torch zip checkpoint (see the module docstring)."""
 
     def __init__(self, path: str | os.PathLike):
@@ -201,14 +202,17 @@ class TorchBinFile(Mapping[str, np.ndarray]):
                 obj = _SafeUnpickler(f, self.path, records).load()
         except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, zipfile.LargeZipFile, OSError) as e:
             raise WeightFileError(f"{self.path}: corrupt torch checkpoint ({e})") from None
-        self.tensors: dict[str, TensorRef] = {}
+        self.refs: dict[str, TensorRef] = {}
         self.extras: dict[str, Any] = {}
         if not isinstance(obj, Mapping):
             raise WeightFileError(f"{self.path}: the checkpoint holds a {type(obj).__name__}, not a dict of tensors")
-        _flatten(obj, "", self.tensors, self.extras)
+        _flatten(obj, "", self.refs, self.extras)
+        self.tensors = {
+            k: LazyTensor(r.shape, _dtype_name(r.storage.dtype), partial(self._read, k)) for k, r in self.refs.items()
+        }
 
-    def __getitem__(self, key: str) -> np.ndarray:
-        ref = self.tensors[key]
+    def _read(self, key: str) -> np.ndarray:
+        ref = self.refs[key]
         st = ref.storage
         stored = np.dtype("<u2") if st.dtype == "bf16" else np.dtype(st.dtype)
         if self._big:
@@ -231,28 +235,13 @@ class TorchBinFile(Mapping[str, np.ndarray]):
         arr = np.array(arr, dtype=stored.newbyteorder("="), order="C")  # an owned, contiguous, native-order copy
         return bf16_bits_to_f32(arr) if st.dtype == "bf16" else arr
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.tensors[key].shape
-
-    def dtype(self, key: str) -> str:
-        """The stored dtype in safetensors spelling ("F16", "BF16", ...); reads return float32 for BF16."""
-        d = self.tensors[key].storage.dtype
-        return "BF16" if d == "bf16" else _SAFETENSORS_NAME[np.dtype(d).newbyteorder("=")]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.tensors)
-
-    def __len__(self) -> int:
-        return len(self.tensors)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.tensors
-
     def close(self) -> None:
         self._zip.close()
 
-    def __repr__(self) -> str:
-        return f"TorchBinFile({str(self.path)!r}, {len(self)} tensors)"
+
+def _dtype_name(d: str) -> str:
+    """A storage dtype in safetensors spelling ("F16", "BF16", ...)."""
+    return "BF16" if d == "bf16" else _SAFETENSORS_NAME[np.dtype(d).newbyteorder("=")]
 
 
 _SAFETENSORS_NAME = {
