@@ -9,6 +9,7 @@ deterministic per ``(seed, panel)``, so a resumed story is byte-identical to an 
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from PIL import Image
 
 from .. import checks
 from ..errors import RecordError
+from ..parallel import InOrder, Lockstep, World
 from ..pipelines.sdxl import StepCallback
 from ..story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
 from ..story.prompts import Story
-from .files import prepare, read_png, save_png
+from .files import png_bytes, prepare, read_png, save_png
 from .record import RunRecord
 
 METHOD = "StoryDiffusion"
@@ -92,12 +94,15 @@ def run_story(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
-) -> StoryRun:
+    world: World | None = None,
+) -> StoryRun | None:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
     beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
-    after every sampler step of a batch."""
+    after every sampler step of a batch. With a ``world`` of several ranks (``parallel``) the later panels are split
+    across them and rank 0 writes every file; it returns None on the other ranks."""
+    world = world or World()
     folder = Path(folder)
     pipe.check(story, settings)  # memory, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
@@ -106,22 +111,30 @@ def run_story(
     record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
     record_models["loras"] = loaded.loras  # path, scale and fingerprint of each LoRA fused into the model
     story_section = _story_section(pipe, story, settings)
-    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+    world.same("settings, story or model", [settings.to_dict(), loaded.fingerprint, story_section])
     total = len(story.panels)
     images: dict[int, Image.Image] = {}
-    if old is not None:
-        _check_same_run(old, record_settings, record_models, story_section)
-        record = old
-        for i in record.require("progress", "panels", list):
-            if not isinstance(i, int) or not 0 <= i < total:
-                raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
-            images[i] = read_png(folder / panel_name(i))
-        record.progress = {**record.progress, "done": False}
-    else:
-        record = RunRecord(METHOD, record_settings, record_models, story_section, {"panels": [], "done": False})
-    record.save(folder)
+    old = record = None
+
+    def begin() -> list[int]:  # rank 0 alone reads and writes the folder
+        nonlocal old, record
+        old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+        if old is not None:
+            _check_same_run(old, record_settings, record_models, story_section)
+            record = old
+            for i in record.require("progress", "panels", list):
+                if not isinstance(i, int) or not 0 <= i < total:
+                    raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
+                images[i] = read_png(folder / panel_name(i))
+            record.progress = {**record.progress, "done": False}
+        else:
+            record = RunRecord(METHOD, record_settings, record_models, story_section, {"panels": [], "done": False})
+        record.save(folder)
+        return sorted(images)
+
+    made = world.from_root(begin)
     start = time.time()
-    if progress:
+    if progress and world.root:
         progress(len(images), total, "panels")
 
     def on_panel(index: int, image: Image.Image) -> None:
@@ -133,7 +146,29 @@ def run_story(
         if progress:
             progress(len(images), total, f"panel {index + 1}")
 
-    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images))
+    # every rank runs the id phases (they write the banks in memory); the later panels' batches still to make are
+    # shared round-robin, and their images reach rank 0 in the order one process makes them
+    pending = [b for b in pipe.read_batches(story, settings) if not set(made).issuperset(b)]
+    mine = world.share(pending)
+    ids = {i for tile in story.id_panels.values() for i in tile}
+    arrived = InOrder([i for b in pending for i in b], lambda i, png: on_panel(i, Image.open(io.BytesIO(png))))
+    with Lockstep(world, arrived if world.root else None) as step:
+
+        def made_here(index: int, image: Image.Image) -> None:
+            if index in ids:
+                if world.root:
+                    on_panel(index, image)
+            else:
+                step.put(lambda: (index, png_bytes(image)))
+
+        try:
+            skip = set(made) | {i for b in pending if b not in mine for i in b}
+            pipe(story, settings, on_panel=made_here, on_step=on_step, skip=sorted(skip))
+        except Exception as e:
+            step.fail(e)
+            raise
+    if not world.root:
+        return None
     ordered = [images[i] for i in range(total)]
     pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
     names = [f"page_{k:02d}.png" for k in range(len(pages))]
