@@ -8,8 +8,9 @@ import os
 import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' "no PyTorch found" notice: we use none
-# a failed graph compile dumps rank_<id>/om/analyze_fail.ir under this path (MindSpore's default: the working folder)
-os.environ.setdefault("MS_DEV_SAVE_GRAPHS_PATH", os.path.join(tempfile.gettempdir(), "mindone_story-graphs"))
+# a failed (or interrupted) graph compile dumps rank_<id>/om/analyze_fail.ir under MS_OM_PATH, by default the
+# working folder: the stray rank_0/ in a checkout. (MS_DEV_SAVE_GRAPHS_PATH does not move it: measured.)
+os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), "mindone_story-graphs"))
 
 from mindone_story.errors import StoryError
 
