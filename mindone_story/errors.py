@@ -55,8 +55,11 @@ def describe(error: BaseException) -> str:
     return str(error).strip()
 
 
-def main_guard(main: Callable[[], int], on_interrupt: Callable[[], str] | None = None) -> int:
-    """Run a front end's ``main`` and turn what it raises into an exit status (0 ok, 2 bad input, 130 Ctrl-C)."""
+def main_guard(
+    main: Callable[[], int], on_interrupt: Callable[[], str] | None = None, where: Callable[[], str] | None = None
+) -> int:
+    """Run a front end's ``main`` and turn what it raises into an exit status (0 ok, 2 bad input, 130 Ctrl-C);
+    ``where()`` names the process in the error line (the rank of a parallel run)."""
     try:
         return main()
     except KeyboardInterrupt:
@@ -64,7 +67,8 @@ def main_guard(main: Callable[[], int], on_interrupt: Callable[[], str] | None =
         print(f"interrupted{': ' + kept if kept else ''}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as e:  # StoryError, the readers' errors, and the file system's
-        print(f"error: {describe(e)}", file=sys.stderr)
+        place = where() if where else ""
+        print(f"error: {describe(e)}{f' ({place})' if place else ''}", file=sys.stderr)
         return 2
     except MemoryError:
         print("error: out of memory: try a smaller height and width, or fewer panels per batch", file=sys.stderr)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # transformers' "no PyTorch found" notice: we use none
+# a failed (or interrupted) graph compile dumps rank_<id>/om/analyze_fail.ir under MS_OM_PATH, by default the
+# working folder: the stray rank_0/ in a checkout. (MS_DEV_SAVE_GRAPHS_PATH does not move it: measured.)
+os.environ.setdefault("MS_OM_PATH", os.path.join(tempfile.gettempdir(), "mindone_story-graphs"))
 
 from mindone_story.errors import StoryError
 
@@ -80,6 +84,31 @@ def add_output(p: argparse.ArgumentParser, default: str) -> None:
     group.add_argument(
         "--overwrite", action="store_true", help="replace the run in output_dir (its panels, pages and record)"
     )
+
+
+def add_parallel(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--parallel",
+        action="store_true",
+        help="split the panels across the ranks msrun starts (automatic under msrun): msrun --worker_num=N ...",
+    )
+
+
+def start_parallel(argv=None):
+    """Join the msrun job, if there is one, before the arguments are checked: a rank that stopped before
+    ``init()`` would leave the others waiting for the cluster to form. The device is set first (``init()`` picks
+    the collective backend from it; msrun gives each rank its device id)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--parallel", action="store_true")
+    p.add_argument("--device", default=None)
+    known, _ = p.parse_known_args(argv)
+    from mindone_story import parallel
+
+    if known.device in ("CPU", "Ascend", "Ascend-emulated") and (known.parallel or parallel.launched()):
+        from mindone_story.layers import set_device
+
+        set_device(known.device)
+    return parallel.start(known.parallel)
 
 
 def setup(device: str | None, dtype: str | None, attention: str | None = None):

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from frontend import add_common, add_lora, add_output, check_loras, setup
+from frontend import add_common, add_lora, add_output, add_parallel, check_loras, setup, start_parallel
 
 from mindone_story.checks import BANK_PLACES
 from mindone_story.errors import main_guard
@@ -83,10 +83,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add_lora(p)
     add_output(p, "outputs")
+    add_parallel(p)
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, world) -> int:
     # everything is checked before a model is downloaded or loaded, or a file is written
     tiny = args.sd_model_name == "tiny" and not args.model_path
     defaults = {**DEFAULTS, **(TINY if tiny else {})}
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
     loras = check_loras(args.lora)
     out = Path(args.output_dir)
-    files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
+    if world.root:  # the other ranks never touch the folder
+        files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
     dtype = setup(args.device, args.dtype, args.attention)
 
     import mindspore as ms
@@ -128,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"warning: panel {i}: the prompt passes CLIP's 77 tokens; dropped: {parts['prompt']!r}")
     for text in sorted({parts["negative_prompt"] for parts in cut.values() if "negative_prompt" in parts}):
         print(f"warning: the negative prompt passes CLIP's 77 tokens; dropped: {text!r}")
-    panels = tqdm(total=len(story.panels), desc="panels", disable=args.no_progress, delay=1)
-    steps = tqdm(desc="steps", leave=False, disable=args.no_progress, delay=1)
+    quiet = args.no_progress or not world.root
+    panels = tqdm(total=len(story.panels), desc="panels", disable=quiet, delay=1)
+    steps = tqdm(desc="steps", leave=False, disable=quiet, delay=1)
 
     def on_panel(done: int, total: int, what: str) -> None:
         panels.n = done
@@ -153,16 +156,19 @@ def run(args: argparse.Namespace) -> int:
         progress=on_panel,
         on_step=on_step,
         bank=args.id_bank,
+        world=world,
     )
     steps.close()
     panels.close()
-    print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
+    if world.root:
+        print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
     return 0
 
 
 def main(argv=None) -> int:
+    world = start_parallel(argv)  # under msrun: join the job before anything can fail
     args = parse_args(argv)
-    return main_guard(lambda: run(args), lambda: kept(args.output_dir))
+    return main_guard(lambda: run(args, world), lambda: kept(args.output_dir), world.label)
 
 
 if __name__ == "__main__":

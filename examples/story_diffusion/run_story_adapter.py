@@ -20,7 +20,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from frontend import add_common, add_lora, add_output, check_loras, setup
+from frontend import add_common, add_lora, add_output, add_parallel, check_loras, setup, start_parallel
 
 from mindone_story.errors import StoryError, main_guard
 from mindone_story.runs import files
@@ -64,6 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--freeu", default=None, help="'off' (the default, as the original) or s1,s2,b1,b2")
     add_lora(p)
     add_output(p, "outputs/story_adapter")
+    add_parallel(p)
     return p.parse_args(argv)
 
 
@@ -133,8 +134,9 @@ def resolve(args: argparse.Namespace):
     return settings, paths
 
 
-def run(args: argparse.Namespace) -> int:
-    settings, paths = resolve(args)  # bad input fails here, before any model is loaded
+def run(args: argparse.Namespace, world) -> int:
+    # bad input fails here, before any model is loaded; rank 0 reads the record (and draws the seed) for all ranks
+    settings, paths = world.from_root(lambda: resolve(args))
     loras = check_loras(args.lora)
     dtype = setup(args.device, args.dtype, args.attention)
 
@@ -162,23 +164,30 @@ def run(args: argparse.Namespace) -> int:
     models = load_sdxl(base, dtype, loras)
     pipe = StoryAdapterPipeline(models, ip, mode=args.mode)
     print(f"seed {settings.seed}, {len(settings.prompts)} panels, {settings.rounds} rounds -> {out}", flush=True)
-    bar = tqdm(total=len(settings.prompts) * (settings.rounds + 1), desc="panels", disable=args.no_progress, delay=1)
+    bar = tqdm(
+        total=len(settings.prompts) * (settings.rounds + 1),
+        desc="panels",
+        disable=args.no_progress or not world.root,
+        delay=1,
+    )
 
     def on_panel(r: int, i: int, rounds: int, n: int) -> None:
         bar.n = r * n + i + 1
         bar.set_postfix_str(f"round {r}/{rounds}")
 
     record = generate_story(
-        pipe, settings, out, models=paths, resume=args.resume, overwrite=args.overwrite, on_panel=on_panel
+        pipe, settings, out, paths, args.resume, args.overwrite, on_panel if world.root else None, world
     )
     bar.close()
-    print(f"done: {record.settings['rounds'] + 1} rounds of {len(record.settings['prompts'])} panels in {out}")
+    if world.root:
+        print(f"done: {record.settings['rounds'] + 1} rounds of {len(record.settings['prompts'])} panels in {out}")
     return 0
 
 
 def main(argv=None) -> int:
+    world = start_parallel(argv)  # under msrun: join the job before anything can fail
     args = parse_args(argv)
-    return main_guard(lambda: run(args), lambda: kept(args.output_dir))
+    return main_guard(lambda: run(args, world), lambda: kept(args.output_dir), world.label)
 
 
 if __name__ == "__main__":

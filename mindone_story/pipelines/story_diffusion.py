@@ -149,6 +149,11 @@ class StoryDiffusionPipeline:
         )
         return self.sdxl.decode(latents)
 
+    def read_batches(self, story: Story, settings: StoryDiffusionSettings) -> list[list[int]]:
+        """The later panels in their batches, in the order they run; each batch's draws follow from its place."""
+        others = list(story.other_indices)
+        return [others[start : start + settings.read_batch] for start in range(0, len(others), settings.read_batch)]
+
     def bank_size(self, story: Story, settings: StoryDiffusionSettings) -> int:
         """The expected bytes of the story's id bank: every id image's sampled tokens, per step and layer."""
         images = sum(len(v) for v in story.id_panels.values())
@@ -223,8 +228,7 @@ class StoryDiffusionPipeline:
         others = list(story.other_indices)
         # every read batch gets room for the most banked images any panel reads: one compiled graph for all
         most = max([sum(len(story.id_panels[c]) for c in story.panels[i].characters) for i in others] + [0])
-        for start in range(0, len(others), settings.read_batch):
-            batch_ids = others[start : start + settings.read_batch]
+        for batch_ids in self.read_batches(story, settings):
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
                 batch = self._run(story, settings, batch_ids, None, reads, phase_seed, on_step, bank_images=most)

@@ -8,8 +8,8 @@ preprocessed and encoded, projected to 4 tokens, and the N token groups are conc
 hidden states of an all-zero image, as IP-Adapter-Plus does). The reference weight follows linspace(0.3, 0.5, R).
 
 The original re-encodes all N references for every panel (N^2 image encodings per round) and projects them to K/V
-again at every step. Here both are done once per round: ``ReferenceEncoder.control`` encodes the N references
-(counted in ``images_encoded``), projects them, computes each attn2 layer's K/V once, and returns a
+again at every step. Here both are done once per round: ``ReferenceEncoder.control`` encodes the N references one
+by one (counted in ``images_encoded``), projects them, computes each attn2 layer's K/V once, and returns a
 ``GlobalReference`` whose tensors every panel and step of the round reuse.
 """
 
@@ -56,45 +56,51 @@ class GlobalReference:
 
 
 class ReferenceEncoder:
-    """Encodes a round's reference images once and turns them into per-layer reference K/V."""
+    """Encodes a round's reference images and turns their tokens into per-layer reference K/V.
 
-    def __init__(self, image_encoder, ip_adapter, mode: str = "graph", chunk: int = 8):
+    Each reference is encoded alone (batch 1): its tokens are a function of its image only, not of which other
+    panels share an encoder call, so ranks that made different panels encode their own and gather the tokens
+    (``parallel``), and the gathered reference equals the one a single process builds, bit for bit."""
+
+    def __init__(self, image_encoder, ip_adapter, mode: str = "graph"):
         self.ip_adapter = ip_adapter
         self.image_size = image_encoder.config.image_size
-        self.chunk = chunk  # images per encoder call: at most two input shapes per run, so two graphs
         self._encode = compiled(image_encoder.construct, mode)
         self._project = compiled(ip_adapter.project, mode)
         self._kv = compiled(ip_adapter.reference_kv, mode)
-        self._zero_image_features: Tensor | None = None
+        self._uncond: np.ndarray | None = None
         self.images_encoded = 0  # reference images through the CLIP encoder, over the encoder's lifetime
 
     def _features(self, pixels: np.ndarray) -> Tensor:
         """CLIP features: the projected embedding (ImageProjModel) or the penultimate hidden states (Resampler)."""
-        out = []
-        for start in range(0, len(pixels), self.chunk):
-            embeds, _, penultimate = self._encode(Tensor(pixels[start : start + self.chunk]))
-            out.append(penultimate if self.ip_adapter.uses_hidden_states else embeds)
-        return ops.concat(out) if len(out) > 1 else out[0]
+        embeds, _, penultimate = self._encode(Tensor(pixels))
+        return penultimate if self.ip_adapter.uses_hidden_states else embeds
 
-    def features(self, images: Sequence[Image.Image]) -> Tensor:
-        if not images:
-            raise ValueError("no reference images")
-        self.images_encoded += len(images)
-        return self._features(reference_pixels(images, self.image_size))
+    def panel_tokens(self, image: Image.Image) -> np.ndarray:
+        """One reference's tokens [T, ctx]."""
+        self.images_encoded += 1
+        return self._project(self._features(reference_pixels([image], self.image_size))).asnumpy()[0]
 
-    def unconditional_features(self, n: int, like: Tensor) -> Tensor:
-        if not self.ip_adapter.uses_hidden_states:
-            return ops.zeros_like(like)
-        if self._zero_image_features is None:  # the same for every round: one encoding per run
+    def unconditional_tokens(self) -> np.ndarray:
+        """[T, ctx]: the tokens of zero image embeddings (ImageProjModel) or of an all-zero image (Resampler), the
+        same for every reference, computed once per run."""
+        if self._uncond is None:
             zero = np.zeros((1, 3, self.image_size, self.image_size), np.float32)
-            self._zero_image_features = self._features(zero)
-        return ops.broadcast_to(self._zero_image_features, (n,) + tuple(self._zero_image_features.shape[1:]))
+            features = self._features(zero)
+            if not self.ip_adapter.uses_hidden_states:
+                features = ops.zeros_like(features)
+            self._uncond = self._project(features).asnumpy()[0]
+        return self._uncond
+
+    def tokens_of(self, panels: Sequence[np.ndarray]) -> Tensor:
+        """[2, N*T, ctx]: the unconditional tokens, then the N references' tokens concatenated image by image."""
+        if not len(panels):
+            raise ValueError("no reference images")
+        uncond = np.concatenate([self.unconditional_tokens()] * len(panels))
+        return Tensor(np.stack([uncond, np.concatenate(panels)]))
 
     def tokens(self, images: Sequence[Image.Image]) -> Tensor:
-        """[2, N*T, ctx]: the unconditional tokens, then the N references' tokens concatenated image by image."""
-        cond = self.features(images)
-        uncond = self.unconditional_features(len(images), cond)
-        return ops.concat((self._project(uncond), self._project(cond)))
+        return self.tokens_of([self.panel_tokens(image) for image in images])
 
     def control(self, images: Sequence[Image.Image], scale: float) -> GlobalReference:
         """The round's UNet input: each attn2 layer's reference K/V, computed once for all panels and steps."""

@@ -1,8 +1,9 @@
 """A Story-Adapter run on disk: ``round_00/panel_000.png`` ... and the run record, resumable panel by panel.
 
 Every file is written atomically and the record is updated after each panel, so a killed run resumes at its first
-unrecorded panel and loses nothing it recorded. Round r's references are read back from round r-1's PNG files
-(lossless, each checked to be whole), so a resumed run gives the same bytes as an uninterrupted one.
+unrecorded panel and loses nothing it recorded. Round r's references are the tokens of round r-1's images, each
+encoded alone; a resumed run reads those images back from their PNG files (lossless, each checked to be whole), so
+it gives the same bytes as an uninterrupted one, with any number of ranks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import RecordError
+from ..parallel import Lockstep, World
 from ..pipelines.story_adapter import DDIM_CONFIG, NEGATIVE_PROMPT, StoryAdapterSettings
 from ..processors.grca import REFERENCE_SIZE
 from .files import png_bytes, prepare, read_png, write_atomic
@@ -63,14 +67,90 @@ def generate_story(
     resume: bool = False,
     overwrite: bool = False,
     on_panel: PanelProgress | None = None,
-) -> RunRecord:
-    """Run (or resume) a whole story into ``folder``; returns the final record.
+    world: World | None = None,
+) -> RunRecord | None:
+    """Run (or resume) a whole story into ``folder``; returns the final record (on rank 0; None on other ranks).
 
     ``models`` (paths or names) is recorded beside the pipeline's fingerprints; on resume the settings and the
-    fingerprints must equal the recorded ones."""
+    fingerprints must equal the recorded ones. With a ``world`` of several ranks (``parallel``), each round's
+    panels are split across the ranks, each rank encodes the references it made and the tokens are gathered, so
+    every rank builds the round's K/V; only rank 0 reads or writes ``folder``."""
+    world = world or World()
     folder = Path(folder)
-    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+    record: RunRecord | None = None
+
+    def begin() -> tuple[int, int, bool]:
+        nonlocal record
+        record, start, first, done = _open(pipe, settings, folder, models, resume, overwrite)
+        return start, first, done
+
+    start, first, done = world.from_root(begin)
+    if done:
+        return record
     n = len(settings.prompts)
+    prompts, noise = settings.model_prompts, pipe.noise(settings)
+    reference, encoded = None, 0
+    if start > 0:  # resumed: the previous round's panels from their lossless files
+        held = {i: read_png(folder / panel_path(start - 1, i)) for i in range(n)} if world.root else {}
+        reference, encoded = _reference(pipe, world, held, n, settings.scales[start - 1])
+    for r in range(start, settings.rounds + 1):
+        began = time.time()
+        # the images of this round this rank holds: those it makes, and (rank 0) those already on disk
+        held = {i: read_png(folder / panel_path(r, i)) for i in range(first)} if world.root else {}
+        if world.root:
+            (folder / f"round_{r:02d}").mkdir(exist_ok=True)
+
+        def write(result: tuple[int, bytes], r=r) -> None:
+            i, png = result
+            name = panel_path(r, i)
+            write_atomic(folder / name, png)
+            record.progress = {"round": r, "panels": i + 1, "done": False}
+            record.add_file(folder, name)
+            if on_panel:
+                on_panel(r, i, settings.rounds, n)
+
+        # round-robin shares: each wave holds the next panels in order, so rank 0 writes them in order
+        with Lockstep(world, write if world.root else None) as step:
+            for i in world.share(range(first, n)):
+
+                def make(i=i, held=held, reference=reference) -> tuple[int, bytes]:
+                    held[i] = pipe.panel(prompts[i], noise, settings, reference)
+                    return i, png_bytes(held[i])
+
+                step.put(make)
+        if world.root:
+            record.log.append(
+                {
+                    "round": r,
+                    "scale": settings.scales[r - 1] if r else 0.0,
+                    "panels_made": n - first,
+                    "reference_encodings": encoded,
+                    "seconds": round(time.time() - began, 3),
+                }
+            )
+            last = r == settings.rounds
+            record.progress = {"round": r if last else r + 1, "panels": n if last else 0, "done": last}
+            record.save(folder)
+        if r < settings.rounds:
+            reference, encoded = _reference(pipe, world, held, n, settings.scales[r])
+        first = 0
+    return record
+
+
+def _reference(pipe, world: World, held: dict, n: int, scale: float):
+    """The next round's reference from the images each rank holds: each encodes its own, the tokens are gathered
+    (in panel order); returns it and how many references were encoded."""
+    tokens: dict[int, np.ndarray] = {}
+    with Lockstep(world, tokens.update) as step:
+        step.put(lambda: {i: pipe.references.panel_tokens(image) for i, image in sorted(held.items())})
+    if sorted(tokens) != list(range(n)):
+        raise RuntimeError(f"the ranks held references {sorted(tokens)} of {n} panels")
+    return pipe.references.control_from_tokens(pipe.references.tokens_of([tokens[i] for i in range(n)]), scale), n
+
+
+def _open(pipe, settings, folder: Path, models, resume: bool, overwrite: bool):
+    """The folder rule and the record: a new one, or the recorded one checked against what is given."""
+    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
     if old is not None:
         record = old
         recorded = settings_of(record)
@@ -82,55 +162,24 @@ def generate_story(
         ]
         if diffs:
             raise RecordError("cannot resume: the run was made with other settings or models: " + "; ".join(diffs[:5]))
-        if done:
-            return record
-        for name in record.files:  # every recorded panel whole before any work
-            read_png(folder / name)
-    else:
-        paths = {k: str(v) for k, v in (models or {}).items() if v is not None}
-        story = {
-            "model_prompts": settings.model_prompts,
-            "negative_prompt": NEGATIVE_PROMPT,
-            "scales": settings.scales,
-            "scheduler": {"name": "ddim", **DDIM_CONFIG},
-            "reference_size": REFERENCE_SIZE,
-        }
-        progress = {"round": 0, "panels": 0, "done": False}
-        record = RunRecord(
-            METHOD, {**settings.to_dict(), "mode": pipe.mode}, {**paths, **pipe.fingerprints}, story, progress
-        )
-        record.save(folder)
-        start, first = 0, 0
-
-    prompts, noise = settings.model_prompts, pipe.noise(settings)
-    for r in range(start, settings.rounds + 1):
-        began, encoded = time.time(), pipe.references.images_encoded
-        reference = None
-        if r > 0:  # all panels of the previous round, from their lossless files
-            images = [read_png(folder / panel_path(r - 1, i)) for i in range(n)]
-            reference = pipe.reference(images, settings.scales[r - 1])
-        (folder / f"round_{r:02d}").mkdir(exist_ok=True)
-        for i in range(first, n):
-            name = panel_path(r, i)
-            write_atomic(folder / name, png_bytes(pipe.panel(prompts[i], noise, settings, reference)))
-            record.progress = {"round": r, "panels": i + 1, "done": False}
-            record.add_file(folder, name)
-            if on_panel:
-                on_panel(r, i, settings.rounds, n)
-        record.log.append(
-            {
-                "round": r,
-                "scale": settings.scales[r - 1] if r else 0.0,
-                "panels_made": n - first,
-                "reference_encodings": pipe.references.images_encoded - encoded,
-                "seconds": round(time.time() - began, 3),
-            }
-        )
-        last = r == settings.rounds
-        record.progress = {"round": r if last else r + 1, "panels": n if last else 0, "done": last}
-        record.save(folder)
-        first = 0
-    return record
+        if not done:
+            for name in record.files:  # every recorded panel whole before any work
+                read_png(folder / name)
+        return record, start, first, done
+    paths = {k: str(v) for k, v in (models or {}).items() if v is not None}
+    story = {
+        "model_prompts": settings.model_prompts,
+        "negative_prompt": NEGATIVE_PROMPT,
+        "scales": settings.scales,
+        "scheduler": {"name": "ddim", **DDIM_CONFIG},
+        "reference_size": REFERENCE_SIZE,
+    }
+    progress = {"round": 0, "panels": 0, "done": False}
+    record = RunRecord(
+        METHOD, {**settings.to_dict(), "mode": pipe.mode}, {**paths, **pipe.fingerprints}, story, progress
+    )
+    record.save(folder)
+    return record, 0, 0, False
 
 
 def kept(folder: str | Path) -> str:

@@ -9,6 +9,7 @@ deterministic per ``(seed, panel)``, so a resumed story is byte-identical to an 
 
 from __future__ import annotations
 
+import io
 import shutil
 import time
 from collections.abc import Callable
@@ -20,10 +21,11 @@ from PIL import Image
 
 from .. import checks
 from ..errors import RecordError
+from ..parallel import InOrder, Lockstep, World
 from ..pipelines.sdxl import StepCallback
 from ..story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
 from ..story.prompts import Story
-from .files import prepare, read_png, save_png
+from .files import png_bytes, prepare, read_png, save_png
 from .record import RunRecord
 
 METHOD = "StoryDiffusion"
@@ -95,38 +97,51 @@ def run_story(
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
     bank: str = "auto",
-) -> StoryRun:
+    world: World | None = None,
+) -> StoryRun | None:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
     beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
     after every sampler step of a batch. ``bank``: where the id bank is kept (see the pipeline); on disk it is the
-    folder's ``.id_bank``, deleted when the run ends."""
+    folder's ``.id_bank`` (one per rank), deleted when the run ends. With a ``world`` of several ranks (``parallel``)
+    the later panels are split across them and rank 0 writes every file; it returns None on the other ranks."""
+    world = world or World()
     folder = Path(folder)
-    pipe.check(story, settings, bank, folder / BANK_DIR)  # memory and disk, before the folder is touched
+    bank_dir = folder / (BANK_DIR if world.size == 1 else f"{BANK_DIR}.rank{world.rank}")
+    pipe.check(story, settings, bank, bank_dir)  # memory and disk, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
     record_settings |= extra or {}
     loaded = pipe.sdxl.models
     record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
     record_models["loras"] = loaded.loras  # path, scale and fingerprint of each LoRA fused into the model
     story_section = _story_section(pipe, story, settings)
-    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
-    shutil.rmtree(folder / BANK_DIR, ignore_errors=True)  # a killed run's bank on disk
+    world.same("settings, story or model", [settings.to_dict(), loaded.fingerprint, story_section])
     total = len(story.panels)
     images: dict[int, Image.Image] = {}
-    if old is not None:
-        _check_same_run(old, record_settings, record_models, story_section)
-        record = old
-        for i in record.require("progress", "panels", list):
-            if not isinstance(i, int) or not 0 <= i < total:
-                raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
-            images[i] = read_png(folder / panel_name(i))
-        record.progress = {**record.progress, "done": False}
-    else:
-        record = RunRecord(METHOD, record_settings, record_models, story_section, {"panels": [], "done": False})
-    record.save(folder)
+    old = record = None
+
+    def begin() -> list[int]:  # rank 0 alone reads and writes the folder
+        nonlocal old, record
+        old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+        for stale in folder.glob(f"{BANK_DIR}*"):  # a killed run's banks on disk
+            shutil.rmtree(stale, ignore_errors=True)
+        if old is not None:
+            _check_same_run(old, record_settings, record_models, story_section)
+            record = old
+            for i in record.require("progress", "panels", list):
+                if not isinstance(i, int) or not 0 <= i < total:
+                    raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
+                images[i] = read_png(folder / panel_name(i))
+            record.progress = {**record.progress, "done": False}
+        else:
+            record = RunRecord(METHOD, record_settings, record_models, story_section, {"panels": [], "done": False})
+        record.save(folder)
+        return sorted(images)
+
+    made = world.from_root(begin)
     start = time.time()
-    if progress:
+    if progress and world.root:
         progress(len(images), total, "panels")
 
     def on_panel(index: int, image: Image.Image) -> None:
@@ -138,9 +153,29 @@ def run_story(
         if progress:
             progress(len(images), total, f"panel {index + 1}")
 
-    pipe(
-        story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images), bank=bank, bank_dir=folder / BANK_DIR
-    )
+    # every rank runs the id phases (they write the banks in memory); the later panels' batches still to make are
+    # shared round-robin, and their images reach rank 0 in the order one process makes them
+    pending = [b for b in pipe.read_batches(story, settings) if not set(made).issuperset(b)]
+    mine = world.share(pending)
+    ids = {i for tile in story.id_panels.values() for i in tile}
+    arrived = InOrder([i for b in pending for i in b], lambda i, png: on_panel(i, Image.open(io.BytesIO(png))))
+    with Lockstep(world, arrived if world.root else None) as step:
+
+        def made_here(index: int, image: Image.Image) -> None:
+            if index in ids:
+                if world.root:
+                    on_panel(index, image)
+            else:
+                step.put(lambda: (index, png_bytes(image)))
+
+        try:
+            skip = set(made) | {i for b in pending if b not in mine for i in b}
+            pipe(story, settings, on_panel=made_here, on_step=on_step, skip=sorted(skip), bank=bank, bank_dir=bank_dir)
+        except Exception as e:
+            step.fail(e)
+            raise
+    if not world.root:
+        return None
     ordered = [images[i] for i in range(total)]
     pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
     names = [f"page_{k:02d}.png" for k in range(len(pages))]
