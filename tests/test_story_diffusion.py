@@ -164,7 +164,7 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 
-    fake = SimpleNamespace(_run=run)
+    fake = SimpleNamespace(_run=run, read_batches=lambda *a: StoryDiffusionPipeline.read_batches(None, *a))
     StoryDiffusionPipeline._story(fake, story, StoryDiffusionSettings(window=2), None, None, set())
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
