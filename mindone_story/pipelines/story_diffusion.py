@@ -81,11 +81,19 @@ PanelCallback = Callable[[int, Image.Image], None]
 
 
 class StoryDiffusionPipeline:
-    def __init__(self, models: SDXLModels, mode: str = "graph"):
+    def __init__(self, models: SDXLModels, mode: str = "graph", photomaker=None):
+        """``photomaker``: a PhotoMaker id encoder (pipelines/photomaker.py ``load_photomaker``) for stories with
+        reference photos; its LoRA must already be fused into ``models`` (``load_sdxl(..., loras=[(file, 1.0)])``),
+        so the story processors go on the LoRA-fused up-block attn1 layers, as the app does."""
         self.sdxl = SDXLPipeline(models, mode=mode)
         self.unet = models.unet
         self.processors = install(models.unet)
         self.bank = IdBank()
+        self.photomaker = None
+        if photomaker is not None:
+            from .photomaker import PhotoMakerConditioning
+
+            self.photomaker = PhotoMakerConditioning(self.sdxl, photomaker, mode)
 
     def level_tokens(self, height: int, width: int) -> list[int]:
         """Tokens per image at the two consistent-attention resolutions: 1/32 and 1/16 of the image for SDXL."""
@@ -117,6 +125,7 @@ class StoryDiffusionPipeline:
         reads: list[list[str]],
         phase_seed: int,
         on_step,
+        photos=None,
         **phase_args,
     ) -> list[Image.Image]:
         tokens = self.level_tokens(settings.height, settings.width)
@@ -132,7 +141,16 @@ class StoryDiffusionPipeline:
             self.processors, tokens, [settings.sa32, settings.sa64], draws, self.bank, write_as, reads, **phase_args
         )
         positive, negative = self.prompts(story, settings)
-        embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices])
+        if photos is None:
+            embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices])
+        else:  # (RefPhotos, per panel its character's photo embeddings or None)
+            ref, id_embeds = photos
+            embeds = self.photomaker.embeds(
+                [positive[i] for i in indices],
+                [negative[i] for i in indices],
+                [id_embeds[i] for i in indices],
+                ref.start_merge_step(settings.steps),
+            )
         noise = np.concatenate([self.panel_noise(settings.seed, i, settings.height, settings.width) for i in indices])
         latents = self.sdxl.denoise(
             noise,
@@ -147,14 +165,24 @@ class StoryDiffusionPipeline:
         )
         return self.sdxl.decode(latents)
 
-    def check(self, story: Story, settings: StoryDiffusionSettings) -> None:
-        """Refuse, before any work, a story whose largest batch cannot fit in the host's memory (CPU)."""
+    def check(self, story: Story, settings: StoryDiffusionSettings, photos=None) -> list[str | None]:
+        """Refuse, before any work, a story whose largest batch cannot fit in the host's memory (CPU), or reference
+        photos (``RefPhotos``) it cannot use; returns per panel the character whose photos it uses."""
         from ..layers import backend
+
+        uses: list[str | None] = [None] * len(story.panels)
+        if photos is not None:
+            if self.photomaker is None:
+                raise StoryError("reference photos need a PhotoMaker id encoder; none was loaded")
+            from .photomaker import check_photos
+
+            uses = check_photos(story, settings.style_name, photos)
 
         ids = [len(v) for v in story.id_panels.values()] + [0]
         batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
         unet, vae = self.unet.config, self.sdxl.models.vae.config
         checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=backend().attention == "math")
+        return uses
 
     def __call__(
         self,
@@ -163,13 +191,18 @@ class StoryDiffusionPipeline:
         on_panel: PanelCallback | None = None,
         on_step: StepCallback | None = None,
         skip: Sequence[int] = (),
+        photos=None,
     ) -> dict[int, Image.Image]:
         """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
 
         ``skip``: panels already made (a resumed run). Id panels always run, because later panels read the banks
         they write; a batch of later panels runs unless all its panels are skipped. Batches keep their composition
-        and their draws, so a resumed run gives the same images as an uninterrupted one."""
-        self.check(story, settings)
+        and their draws, so a resumed run gives the same images as an uninterrupted one. ``photos``: the
+        characters' reference photos (``RefPhotos``), each character's encoded once here."""
+        uses = self.check(story, settings, photos)
+        if photos is not None:
+            encoded = {n: self.photomaker.encode_photos(p) for n, p in photos.photos.items()}
+            photos = (photos, [None if c is None else encoded[c] for c in uses])
         self.bank = IdBank()
         images: dict[int, Image.Image] = {}
         skip = set(skip)
@@ -190,7 +223,7 @@ class StoryDiffusionPipeline:
                 tile = list(ids[start : start + window])
                 reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
                 batch = self._run(
-                    story, settings, tile, name, reads, phase_seed, on_step, recent=window, bank_images=room
+                    story, settings, tile, name, reads, phase_seed, on_step, photos, recent=window, bank_images=room
                 )
                 done(tile, batch)
                 phase_seed += 1
@@ -201,7 +234,9 @@ class StoryDiffusionPipeline:
             batch_ids = others[start : start + settings.read_batch]
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
-                batch = self._run(story, settings, batch_ids, None, reads, phase_seed, on_step, bank_images=most)
+                batch = self._run(
+                    story, settings, batch_ids, None, reads, phase_seed, on_step, photos, bank_images=most
+                )
                 done(batch_ids, batch)
             phase_seed += 1
         return images

@@ -92,15 +92,18 @@ def run_story(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
+    photos=None,
 ) -> StoryRun:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
     beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
-    after every sampler step of a batch."""
+    after every sampler step of a batch. ``photos``: the characters' reference photos (``RefPhotos``), recorded
+    in the settings."""
     folder = Path(folder)
-    pipe.check(story, settings)  # memory, before the folder is touched
+    pipe.check(story, settings, photos)  # memory and photos, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
+    record_settings |= photos.to_record() if photos is not None else {}
     record_settings |= extra or {}
     loaded = pipe.sdxl.models
     record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
@@ -133,7 +136,7 @@ def run_story(
         if progress:
             progress(len(images), total, f"panel {index + 1}")
 
-    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images))
+    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images), photos=photos)
     ordered = [images[i] for i in range(total)]
     pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
     names = [f"page_{k:02d}.png" for k in range(len(pages))]
