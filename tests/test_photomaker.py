@@ -192,3 +192,52 @@ def test_a_trigger_outside_the_descriptions_and_a_file_that_is_not_an_image(tmp_
         RefPhotos.from_paths({"Bob": [tmp_path / "missing.png"]})
     with pytest.raises(ValueError, match="style_strength_ratio must be within"):
         RefPhotos.from_paths({"Bob": [PM / "photo_0.png"]}, 120)
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------------
+ROOT = FIXTURES.parent.parent
+RUN = ROOT / "examples" / "story_diffusion" / "run.py"
+CLI_BOX = "[Bob] a man img, wearing a black suit\n[Ann] a woman, in a red coat"
+CLI_STORY = "[Bob] reads\n[Ann] sings\n[Bob] walks #a walk\n[NC] a city"
+CLI = ["--sd_model_name", "tiny", "--height", "64", "--width", "64", "--steps", "2", "--id_length", "1"]
+CLI += ["--mode", "pynative", "--no_progress", "--general_prompt", CLI_BOX]
+
+
+def cli(tmp_path, *args):
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "story.txt").write_text(CLI_STORY)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    argv = [sys.executable, str(RUN), *CLI, "--story", str(tmp_path / "story.txt"), *map(str, args)]
+    return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_story_with_reference_photos(tmp_path):
+    """The tiny model's own PhotoMaker file: Bob's two photos, Ann without; recorded in story.json."""
+    photos = f"Bob={PM / 'photo_0.png'},{PM / 'photo_1.png'}"
+    result = cli(tmp_path, "--ref_image", photos, "--style_strength_ratio", "50", "--output_dir", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    record = json.loads((tmp_path / "out" / "story.json").read_text())
+    assert record["settings"]["ref_images"] == {"Bob": [str(PM / "photo_0.png"), str(PM / "photo_1.png")]}
+    assert record["settings"]["style_strength_ratio"] == 50.0
+    assert record["models"]["photomaker"].endswith("photomaker-tiny.safetensors")
+    assert record["models"]["loras"][0]["layouts"] == ["attn_processor"]
+    assert record["progress"]["done"] and len(record["progress"]["panels"]) == 4
+
+
+@pytest.mark.parametrize(
+    "args,words",
+    [
+        (["--ref_image", f"Eve={PM / 'photo_0.png'}"], ["reference photos for [Eve]"]),
+        (["--ref_image", f"Bob={FIXTURES / 'README.md'}"], ["README.md is not an image"]),
+        (["--ref_image", f"Bob={PM / 'photo_0.png'}", "--photomaker", CHECKPOINT], ["vision tower is 48 wide"]),
+    ],
+)
+def test_cli_bad_photos_are_one_line_and_write_nothing(tmp_path, args, words):
+    result = cli(tmp_path, *args, "--output_dir", tmp_path / "out")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert last.startswith("error: ") and all(w in last for w in words), result.stderr
+    assert not (tmp_path / "out").exists()

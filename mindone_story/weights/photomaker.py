@@ -132,6 +132,13 @@ def read_photomaker(path: str | os.PathLike, config: Any = None) -> L.MappedWeig
     source = open_weights(path)
     check_parts(source, path)
     cfg = _config(source, path, config)
+    patch = f"{ID_PREFIX}vision_model.embeddings.patch_embedding.weight"
+    width = source.shape(patch)[0] if patch in source else None
+    if width != cfg.vision.hidden_size:  # a tower of another size: say so in one line, before the key listing
+        raise PhotoMakerError(
+            f"{path}: the id encoder's vision tower is {width} wide where the config (ViT-L/14 for PhotoMaker v1, "
+            f"or our tiny file's metadata) has {cfg.vision.hidden_size}"
+        )
     mapped = L.plan(
         Prefixed(source, ID_PREFIX), lambda k: [(k, "copy")], photomaker_shapes(cfg), f"{path} (id_encoder)"
     )
