@@ -152,11 +152,11 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 
-    fake = SimpleNamespace(check=lambda story, settings: None, _run=run)
+    fake = SimpleNamespace(check=lambda story, settings, photos=None: None, _run=run)
     StoryDiffusionPipeline.__call__(fake, story, StoryDiffusionSettings(window=2))
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
-    assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3
+    assert [c[3] for c in writes] == [{"photos": None, "recent": 2, "bank_images": 2}] * 3
     assert writes[0][2] == [[], []] and writes[1][2] == [["Bob"], ["Bob"]]
     assert calls[-1][0] == [6] and calls[-1][1] is None  # the read panel
 

@@ -223,7 +223,16 @@ class StoryDiffusionPipeline:
                 tile = list(ids[start : start + window])
                 reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
                 batch = self._run(
-                    story, settings, tile, name, reads, phase_seed, on_step, photos, recent=window, bank_images=room
+                    story,
+                    settings,
+                    tile,
+                    name,
+                    reads,
+                    phase_seed,
+                    on_step,
+                    photos=photos,
+                    recent=window,
+                    bank_images=room,
                 )
                 done(tile, batch)
                 phase_seed += 1
@@ -235,7 +244,7 @@ class StoryDiffusionPipeline:
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
                 batch = self._run(
-                    story, settings, batch_ids, None, reads, phase_seed, on_step, photos, bank_images=most
+                    story, settings, batch_ids, None, reads, phase_seed, on_step, photos=photos, bank_images=most
                 )
                 done(batch_ids, batch)
             phase_seed += 1
