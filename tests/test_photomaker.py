@@ -168,9 +168,11 @@ def test_reference_photo_story_matches_the_original(sdxl, io, mode):
             height=128, width=128, steps=3, seed=3407, style_name="(No style)", negative_prompt=NEGATIVE
         )
         ref = RefPhotos({"Bob": tuple(Image.open(PM / f"photo_{i}.png") for i in range(2))}, {"Bob": ("a", "b")}, 40)
-        latents, decode = [], pipe.sdxl.decode
+        latents, decode, encoded, encode = [], pipe.sdxl.decode, [], pipe.photomaker._id_embeds
         pipe.sdxl.decode = lambda x: (latents.extend(np.split(x.asnumpy(), x.shape[0])), decode(x))[1]
+        pipe.photomaker._id_embeds = lambda x: (encoded.append(x.shape), encode(x))[1]
         pipe(story, settings, photos=ref)
+        assert len(encoded) == 2  # Bob's two photos, once for the story's three phases
         for i, got in enumerate(latents):  # the run's order: the id batch, then each later panel
             assert rel_err(got, io[f"story.latents_{i}"]) <= TOL, i
     finally:
