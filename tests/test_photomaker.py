@@ -213,7 +213,7 @@ def test_bad_photos_are_one_line_errors(box, given, message):
     assert "\n" not in str(err.value)
 
 
-def test_a_trigger_outside_the_descriptions_and_a_file_that_is_not_an_image(tmp_path):
+def test_a_trigger_outside_the_descriptions_and_a_file_that_is_not_an_image(sdxl, tmp_path):
     story = story_from_text(BOX, LINES.replace("[NC] a city", "[NC] an img city"), 2)
     with pytest.raises(
         RefPhotoError, match="panel 5 has 1 trigger words 'img' where its characters' descriptions give 0"
@@ -224,6 +224,8 @@ def test_a_trigger_outside_the_descriptions_and_a_file_that_is_not_an_image(tmp_
         RefPhotos.from_paths({"Bob": [tmp_path / "notes.png"]})
     with pytest.raises(RefPhotoError, match="reference photo not found"):
         RefPhotos.from_paths({"Bob": [tmp_path / "missing.png"]})
+    with pytest.raises(RefPhotoError, match="falls past CLIP's 77 tokens with 80 photos"):
+        TriggerText(sdxl[0].tokenizer, sdxl[0].tokenizer_2).expand("a man img, reading", 80)
     with pytest.raises(ValueError, match="style_strength_ratio must be within"):
         RefPhotos.from_paths({"Bob": [PM / "photo_0.png"]}, 120)
 

@@ -199,6 +199,12 @@ class PhotoMakerConditioning:
         self._id_embeds = compiled(encoder.id_embeds, mode)
         self._fuse = compiled(encoder.fuse, mode)
 
+    def check(self, prompts: Sequence[str], counts: Sequence[int]) -> None:
+        """Each prompt with photos (count > 0) keeps its class word inside CLIP's window once expanded."""
+        for prompt, n in zip(prompts, counts):
+            if n:
+                self.text.expand(prompt, n)
+
     def encode_photos(self, photos: Sequence[Image.Image]) -> Tensor:
         """[N, context] photo embeddings, one photo per call (one compiled shape for any number of photos)."""
         size = self.encoder.config.vision.image_size

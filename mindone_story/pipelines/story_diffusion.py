@@ -177,6 +177,8 @@ class StoryDiffusionPipeline:
             from .photomaker import check_photos
 
             uses = check_photos(story, settings.style_name, photos)
+            counts = [0 if c is None else len(photos.photos[c]) for c in uses]
+            self.photomaker.check(self.prompts(story, settings)[0], counts)
 
         ids = [len(v) for v in story.id_panels.values()] + [0]
         batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
