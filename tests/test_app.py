@@ -136,6 +136,20 @@ def test_repeat_reuses_the_loaded_model_and_gives_the_same_images(client, sd_run
         assert np.array_equal(pixels(again["image"]), pixels(first["image"]))
 
 
+def test_story_diffusion_with_a_reference_photo(client, tmp_path):
+    """The "Using Ref Images" switch with an upload: the tiny model's PhotoMaker, the photo recorded."""
+    from gradio_client import handle_file
+
+    photo = Path(__file__).resolve().parent / "fixtures" / "photomaker" / "photo_0.png"
+    form = {**FORM, "characters": "[Bob] a man img, with a black suit", "story_text": "[Bob] wakes up\n[Bob] eats\n"}
+    form |= {"ref_mode": "Using Ref Images", "ref_files": [handle_file(str(photo))], "style_strength": 30}
+    gallery, _, archive, status = client.predict(**form, api_name="/story_diffusion")
+    assert len(gallery) == 2 and "2 panels" in status
+    record = json.loads((unzip(archive, tmp_path) / "story.json").read_text())
+    assert list(record["settings"]["ref_images"]) == ["Bob"] and record["settings"]["style_strength_ratio"] == 30
+    assert record["models"]["photomaker"].endswith("photomaker-tiny.safetensors")
+
+
 def test_story_adapter_run(client, tmp_path):
     last, every, archive, status = client.predict(**ADAPTER_FORM, api_name="/story_adapter")
     assert "3 rounds of 2 panels" in status
@@ -178,6 +192,11 @@ def test_story_adapter_run(client, tmp_path):
         ("/story_diffusion", {"model_name": "Nope"}, "Nope is not in the list of choices"),  # Gradio's check
         ("/story_diffusion", {"model_name": "SDXL"}, "not (completely) in the cache"),
         ("/story_diffusion", {"freeu": "on"}, "FreeU takes 'off' or four numbers s1,s2,b1,b2, got 'on'"),
+        (
+            "/story_diffusion",
+            {"ref_mode": "Using Ref Images", "characters": CHARACTERS.replace("a man", "a man img")},
+            "upload one photo for each of [Bob], in that order; got 0",
+        ),
         ("/story_adapter", {"story_text": ""}, "the story is empty"),
         ("/story_adapter", {"rounds": -1}, "rounds must be at least 0, got -1"),
         ("/story_adapter", {"style": "comic", "steps": 0}, "steps must be at least 1, got 0"),

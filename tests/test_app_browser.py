@@ -124,3 +124,37 @@ def test_generate_in_the_browser(url, browser, tmp_path):
     )
     assert "names [Carol], which the character box does not define" in text
     assert "Traceback" not in text
+
+
+def test_reference_photo_in_the_browser(url, browser):
+    """The 'Using Ref Images' switch shows the upload; a photo uploaded for [Bob] gives his two panels."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    def find(css):
+        return browser.find_element(By.CSS_SELECTOR, css)
+
+    def retype(element, text):
+        element.click()
+        element.send_keys(Keys.CONTROL, "a")
+        element.send_keys(Keys.BACKSPACE)
+        for line_no, line in enumerate(text.split("\n")):
+            element.send_keys(("\n" if line_no else "") + line)
+        element.send_keys(Keys.TAB)
+
+    browser.get(url)
+    wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#sd-generate"), 120, "the page")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#sd-ref-files input[type=file]")  # hidden in text mode
+    retype(find("#sd-characters textarea"), "[Bob] a man img, with a black suit")
+    retype(find("#sd-story textarea"), "[Bob] wakes up\n[Bob] eats #lunch")
+    for field, value in (("steps", 2), ("height", 64), ("width", 64), ("font-size", 8)):
+        retype(find(f"#sd-{field} input"), str(value))
+    find('#sd-ref-mode input[value="Using Ref Images"]').click()
+    upload = wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#sd-ref-files input[type=file]"), 30, "upload")
+    upload[0].send_keys(str(Path(__file__).resolve().parent / "fixtures" / "photomaker" / "photo_0.png"))
+    wait_for(lambda: "photo_0" in find("#sd-ref-files").get_attribute("innerHTML"), 60, "the uploaded photo")
+    find("#sd-generate").click()
+    status = wait_for(lambda: "2 panels" in (t := find("#sd-status").text) and t, RUN_TIMEOUT, "two panels")
+    assert "1 page(s)" in status
+    images = browser.find_elements(By.CSS_SELECTOR, "#sd-gallery img")
+    assert [browser.execute_script("return arguments[0].naturalWidth", im) for im in images[:2]] == [64] * 2

@@ -165,10 +165,10 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
         return [None] * len(indices)
 
     fake = SimpleNamespace(_run=run, read_batches=lambda *a: StoryDiffusionPipeline.read_batches(None, *a))
-    StoryDiffusionPipeline._story(fake, story, StoryDiffusionSettings(window=2), None, None, set())
+    StoryDiffusionPipeline._story(fake, story, StoryDiffusionSettings(window=2), None, None, set(), None)
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
-    assert [c[3] for c in writes] == [{"recent": 2, "bank_images": 2}] * 3
+    assert [c[3] for c in writes] == [{"photos": None, "recent": 2, "bank_images": 2}] * 3
     assert writes[0][2] == [[], []] and writes[1][2] == [["Bob"], ["Bob"]]
     assert calls[-1][0] == [6] and calls[-1][1] is None  # the read panel
 

@@ -136,6 +136,9 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         font_size,
         negative_prompt=logic.DEFAULT_NEGATIVE,
         freeu=FREEU_TEXT,
+        ref_mode=logic.REF_MODES[0],
+        ref_files=None,
+        style_strength=20,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings, id_length, layout = logic.story_diffusion_settings(
@@ -154,8 +157,18 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             freeu,
         )
         story = logic.parse_form_story(characters, story_text, id_length)
+        photos = logic.ref_photos(ref_mode, ref_files, story, style_strength)
+        if photos is not None:
+            from mindone_story.pipelines.photomaker import check_photos
+
+            check_photos(story, settings.style_name, photos)
         model = logic.choose_model(model_name, model_path, args.cache_dir)
-        pipe, loaded = load(progress, logic.story_diffusion_pipeline, model)
+        models = {"model": model}
+        if photos is None:
+            pipe, loaded = load(progress, logic.story_diffusion_pipeline, model)
+        else:
+            models["photomaker"] = logic.photomaker_file(model, args.cache_dir)
+            pipe, loaded = load(progress, logic.photomaker_pipeline, model, models["photomaker"])
         out = logic.new_output_dir(args.output_dir, "story_diffusion")
         start = time.time()
         extra = {"mode": args.mode, "dtype": args.dtype}
@@ -165,9 +178,10 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             settings,
             out,
             layout,
-            {"model": model},
+            models,
             extra,
             progress=reporter(progress),
+            photos=photos,
         )
         panels, pages = result.panels, result.pages
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]
@@ -255,6 +269,18 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                         logic.DEFAULT_NEGATIVE, lines=2, label="negative prompt", elem_id="sd-negative"
                     )
                     freeu = gr.Textbox(FREEU_TEXT, label="FreeU: 'off' or s1,s2,b1,b2", elem_id="sd-freeu")
+                    ref_mode = gr.Radio(
+                        list(logic.REF_MODES), value=logic.REF_MODES[0], label="mode", elem_id="sd-ref-mode"
+                    )
+                    with gr.Group(visible=False) as ref_group:
+                        ref_files = gr.File(
+                            file_count="multiple",
+                            file_types=["image"],
+                            label="reference photos: one per character with 'img' (e.g. 'a man img'), in order",
+                            elem_id="sd-ref-files",
+                        )
+                        style_strength = gr.Slider(15, 50, 20, step=1, label="Style strength of Ref Image (%)")
+                    ref_mode.change(lambda m: gr.update(visible=m == logic.REF_MODES[1]), ref_mode, ref_group)
                     sd_go = gr.Button("Generate", variant="primary", elem_id="sd-generate")
                 with gr.Column():
                     sd_gallery = gr.Gallery(label="panels", columns=3, format="png", elem_id="sd-gallery")
@@ -280,6 +306,9 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     font_size,
                     negative,
                     freeu,
+                    ref_mode,
+                    ref_files,
+                    style_strength,
                 ],
                 [sd_gallery, sd_pages, sd_zip, sd_status],
                 api_name="story_diffusion",

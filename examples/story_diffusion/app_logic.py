@@ -122,6 +122,58 @@ def story_diffusion_pipeline(cache: ModelCache, model: str, dtype: str | None, m
     return cache.get(("StoryDiffusion", model, dtype, mode), build)
 
 
+# -- reference photos (PhotoMaker v1) --------------------------------------------------------------------------------
+REF_MODES = ("Only Using Textual Description", "Using Ref Images")  # the original app's switch
+
+
+def ref_photos(ref_mode: str, files: list | None, story: Story, ratio: Any):
+    """The uploaded photos as RefPhotos, or None in text-only mode. As the original app: one photo per character
+    whose description has the trigger word, in character-box order (several per character: the CLI and the API)."""
+    from mindone_story.pipelines.photomaker import TRIGGER, RefPhotos
+
+    checks.one_of("reference mode", ref_mode, REF_MODES)
+    if ref_mode == REF_MODES[0]:
+        return None
+    files = [str(getattr(f, "name", f)) for f in files or [] if f]
+    names = [c.name for c in story.characters if TRIGGER in c.description]
+    if not names:
+        raise StoryError(
+            f"Using Ref Images: write the trigger word after a class word, e.g. '[Bob] a man {TRIGGER}, ...'"
+        )
+    if len(files) != len(names):
+        listed = ", ".join(f"[{n}]" for n in names)
+        raise StoryError(f"Using Ref Images: upload one photo for each of {listed}, in that order; got {len(files)}")
+    return RefPhotos.from_paths({n: [f] for n, f in zip(names, files)}, checks.number("style strength", ratio))
+
+
+def photomaker_file(model: str, cache_dir: str | os.PathLike) -> str:
+    """The PhotoMaker v1 file for ``model``: the tiny model's own, else photomaker-v1.bin from the hub (cached)."""
+    from mindone_story.hub import HubError, resolve
+    from mindone_story.pipelines.photomaker import PHOTOMAKER_V1, tiny_photomaker_file
+
+    if model == "tiny":
+        return str(tiny_photomaker_file())
+    try:
+        return str(resolve(PHOTOMAKER_V1, cache_dir))
+    except HubError as e:
+        raise StoryError(f"Using Ref Images: {e}") from None
+
+
+def photomaker_pipeline(cache: ModelCache, model: str, photomaker: str, dtype: str | None, mode: str):
+    """A StoryDiffusion pipeline with the PhotoMaker LoRA fused and its id encoder (a model of its own in the cache:
+    the LoRA changes the UNet's weights)."""
+
+    def build():
+        from mindone_story.pipelines.photomaker import load_photomaker
+        from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
+        from mindone_story.pretrained import load_sdxl
+
+        models = load_sdxl(model_dir(model), dtype_of(dtype), [(photomaker, 1.0)])
+        return StoryDiffusionPipeline(models, mode=mode, photomaker=load_photomaker(photomaker, dtype_of(dtype)))
+
+    return cache.get(("StoryDiffusion+PhotoMaker", model, photomaker, dtype, mode), build)
+
+
 # -- runs ------------------------------------------------------------------------------------------------------------
 def remove_folder(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)

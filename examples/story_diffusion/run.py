@@ -21,9 +21,10 @@ from pathlib import Path
 from frontend import add_common, add_lora, add_output, add_parallel, check_loras, setup, start_parallel
 
 from mindone_story.checks import BANK_PLACES
-from mindone_story.errors import main_guard
+from mindone_story.errors import StoryError, main_guard
 from mindone_story.models.freeu import APP_FREEU
 from mindone_story.models_registry import MODELS, resolve_model
+from mindone_story.pipelines.photomaker import PHOTOMAKER_V1, RefPhotos, check_photos
 from mindone_story.pipelines.schedulers import SCHEDULERS
 from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionSettings
 from mindone_story.runs import files
@@ -82,6 +83,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"caption font size (default {DEFAULT_FONT_SIZE} at 768 px wide, scaled with the width)",
     )
     add_lora(p)
+    p.add_argument(
+        "--ref_image",
+        action="append",
+        default=[],
+        metavar="NAME=PATH[,PATH...]",
+        help="reference photos of character NAME (PhotoMaker v1; its description needs the trigger word 'img' after "
+        "the class word, e.g. 'a man img'); repeatable; with one plain description, NAME= may be left out",
+    )
+    p.add_argument(
+        "--style_strength_ratio",
+        type=float,
+        default=20.0,
+        help="percent of the steps (at most 30) sampled before the photos' identity is fused in (default 20)",
+    )
+    p.add_argument(
+        "--photomaker",
+        default=None,
+        help=f"the PhotoMaker v1 file, a path or hub reference (default {PHOTOMAKER_V1}; the tiny model has its own)",
+    )
     add_output(p, "outputs")
     add_parallel(p)
     return p.parse_args(argv)
@@ -106,6 +126,9 @@ def run(args: argparse.Namespace, world) -> int:
     layout = PageLayout(args.typesetting, args.font_size)
     story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
     loras = check_loras(args.lora)
+    photos = ref_photos(args.ref_image, story, args.style_strength_ratio)
+    if photos is not None:
+        check_photos(story, settings.style_name, photos)
     out = Path(args.output_dir)
     if world.root:  # the other ranks never touch the folder
         files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
@@ -122,8 +145,22 @@ def run(args: argparse.Namespace, world) -> int:
     from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
+    encoder, recorded = None, {"model": model}
+    if photos is not None:  # the PhotoMaker LoRA is fused into the UNet with the others, as the app's fuse_lora()
+        from mindone_story.hub import resolve
+        from mindone_story.pipelines.photomaker import load_photomaker, tiny_photomaker_file
+
+        if args.photomaker is None and model == "tiny":
+            photomaker = tiny_photomaker_file()
+        else:
+            photomaker = resolve(
+                args.photomaker or PHOTOMAKER_V1, args.cache_dir, local_files_only=args.local_files_only, progress=print
+            )
+        encoder = load_photomaker(photomaker, dtype)
+        loras = [*loras, (str(photomaker), 1.0)]
+        recorded["photomaker"] = str(args.photomaker or photomaker)
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype, loras)
-    pipe = StoryDiffusionPipeline(models, mode=args.mode)
+    pipe = StoryDiffusionPipeline(models, mode=args.mode, photomaker=encoder)
     cut = pipe.truncation(story, settings)  # never cut silently: say what CLIP's 77 tokens leave out
     for i, parts in sorted(cut.items()):
         if "prompt" in parts:
@@ -149,7 +186,7 @@ def run(args: argparse.Namespace, world) -> int:
         settings,
         out,
         layout,
-        models={"model": model},
+        models=recorded,
         extra={"mode": args.mode, "dtype": args.dtype},
         resume=args.resume,
         overwrite=args.overwrite,
@@ -157,12 +194,30 @@ def run(args: argparse.Namespace, world) -> int:
         on_step=on_step,
         bank=args.id_bank,
         world=world,
+        photos=photos,
     )
     steps.close()
     panels.close()
     if world.root:
         print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
     return 0
+
+
+def ref_photos(specs: list[str], story, ratio: float) -> RefPhotos | None:
+    """--ref_image NAME=PATH[,PATH...] values as RefPhotos (each photo opened and checked), or None."""
+    if not specs:
+        return None
+    paths: dict[str, list[str]] = {}
+    for spec in specs:
+        name, sep, files = spec.partition("=")
+        if not sep:  # one plain description: its one character
+            if len(story.characters) != 1:
+                raise StoryError(f"--ref_image {spec!r}: name the character (NAME=PATH), the story has several")
+            name, files = story.characters[0].name, spec
+        if not files.strip():
+            raise StoryError(f"--ref_image {spec!r}: no photo given")
+        paths.setdefault(name.strip().strip("[]"), []).extend(f.strip() for f in files.split(",") if f.strip())
+    return RefPhotos.from_paths(paths, ratio)
 
 
 def main(argv=None) -> int:

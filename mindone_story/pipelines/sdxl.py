@@ -114,7 +114,7 @@ class SDXLPipeline:
     def denoise(
         self,
         noise: np.ndarray,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Callable[[int], PromptEmbeds],
         steps: int,
         guidance_scale: float,
         scheduler: str = "ddim",
@@ -125,7 +125,8 @@ class SDXLPipeline:
     ) -> Tensor:
         """Run the sampler from ``noise`` ([B, 4, h, w]); returns the final latents. ``on_step(done, total)`` is
         called after each step (front ends draw their progress from it). ``freeu``: None (off) or (s1, s2, b1, b2),
-        as diffusers' ``unet.enable_freeu``."""
+        as diffusers' ``unet.enable_freeu``. ``embeds`` may be a function of the step (PhotoMaker's
+        delayed identity): each step's context is a graph input, so switching never recompiles."""
         sched = make_scheduler(scheduler, self.models.scheduler_config, steps)
         batch, _, h, w = noise.shape
         time_ids = self.time_ids(batch, h * self.vae_scale, w * self.vae_scale)
@@ -136,7 +137,8 @@ class SDXLPipeline:
             model_in = sched.scale_model_input(ms.ops.concat((latents, latents)), t).astype(self.dtype)
             timestep = Tensor(np.array([float(t)], np.float32))
             extra = story.inputs(i) if story is not None else None
-            pred = self._unet(model_in, timestep, embeds.context, embeds.pooled, time_ids, extra, freeu)
+            step_embeds = embeds(i) if callable(embeds) else embeds
+            pred = self._unet(model_in, timestep, step_embeds.context, step_embeds.pooled, time_ids, extra, freeu)
             if story is not None:
                 story.collect(i)
             uncond, cond = ms.ops.split(pred.astype(ms.float32), batch, axis=0)

@@ -83,11 +83,19 @@ PanelCallback = Callable[[int, Image.Image], None]
 
 
 class StoryDiffusionPipeline:
-    def __init__(self, models: SDXLModels, mode: str = "graph"):
+    def __init__(self, models: SDXLModels, mode: str = "graph", photomaker=None):
+        """``photomaker``: a PhotoMaker id encoder (pipelines/photomaker.py ``load_photomaker``) for stories with
+        reference photos; its LoRA must already be fused into ``models`` (``load_sdxl(..., loras=[(file, 1.0)])``),
+        so the story processors go on the LoRA-fused up-block attn1 layers, as the app does."""
         self.sdxl = SDXLPipeline(models, mode=mode)
         self.unet = models.unet
         self.processors = install(models.unet)
         self.bank = IdBank(self.sdxl.dtype)
+        self.photomaker = None
+        if photomaker is not None:
+            from .photomaker import PhotoMakerConditioning
+
+            self.photomaker = PhotoMakerConditioning(self.sdxl, photomaker, mode)
 
     def level_tokens(self, height: int, width: int) -> list[int]:
         """Tokens per image at the two consistent-attention resolutions: 1/32 and 1/16 of the image for SDXL."""
@@ -119,6 +127,7 @@ class StoryDiffusionPipeline:
         reads: list[list[str]],
         phase_seed: int,
         on_step,
+        photos=None,
         **phase_args,
     ) -> list[Image.Image]:
         tokens = self.level_tokens(settings.height, settings.width)
@@ -134,7 +143,16 @@ class StoryDiffusionPipeline:
             self.processors, tokens, [settings.sa32, settings.sa64], draws, self.bank, write_as, reads, **phase_args
         )
         positive, negative = self.prompts(story, settings)
-        embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices])
+        if photos is None:
+            embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices])
+        else:  # (RefPhotos, per panel its character's photo embeddings or None)
+            ref, id_embeds = photos
+            embeds = self.photomaker.embeds(
+                [positive[i] for i in indices],
+                [negative[i] for i in indices],
+                [id_embeds[i] for i in indices],
+                ref.start_merge_step(settings.steps),
+            )
         noise = np.concatenate([self.panel_noise(settings.seed, i, settings.height, settings.width) for i in indices])
         latents = self.sdxl.denoise(
             noise,
@@ -161,10 +179,23 @@ class StoryDiffusionPipeline:
         rates = [settings.sa32, settings.sa64]
         return bank_bytes(self.processors, tokens, rates, images, settings.steps, self.sdxl.dtype)
 
-    def check(self, story: Story, settings: StoryDiffusionSettings, bank: str = "auto", bank_dir=None) -> str:
+    def check(
+        self, story: Story, settings: StoryDiffusionSettings, photos=None, bank: str = "auto", bank_dir=None
+    ) -> tuple[list[str | None], str]:
         """Refuse, before any work, a story whose largest batch or whose id bank cannot fit in the host's memory
-        (CPU), or in ``bank_dir``'s disk; returns where the id bank goes (``checks.bank_place``)."""
+        (CPU), or in ``bank_dir``'s disk, or reference photos (``RefPhotos``) it cannot use. Returns per panel the
+        character whose photos it uses, and where the id bank goes (``checks.bank_place``)."""
         from ..layers import backend
+
+        uses: list[str | None] = [None] * len(story.panels)
+        if photos is not None:
+            if self.photomaker is None:
+                raise StoryError("reference photos need a PhotoMaker id encoder; none was loaded")
+            from .photomaker import check_photos
+
+            uses = check_photos(story, settings.style_name, photos)
+            counts = [0 if c is None else len(photos.photos[c]) for c in uses]
+            self.photomaker.check(self.prompts(story, settings)[0], counts)
 
         ids = [len(v) for v in story.id_panels.values()] + [0]
         batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
@@ -172,7 +203,7 @@ class StoryDiffusionPipeline:
         scores = backend().attention == "math"
         checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=scores)
         activations, _ = checks.least_memory(unet, vae, settings.height, settings.width, batch, scores)
-        return checks.bank_place(self.bank_size(story, settings), activations, bank, bank_dir)
+        return uses, checks.bank_place(self.bank_size(story, settings), activations, bank, bank_dir)
 
     def __call__(
         self,
@@ -183,6 +214,7 @@ class StoryDiffusionPipeline:
         skip: Sequence[int] = (),
         bank: str = "auto",
         bank_dir: str | Path | None = None,
+        photos=None,
     ) -> dict[int, Image.Image]:
         """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
 
@@ -190,19 +222,23 @@ class StoryDiffusionPipeline:
         they write; a batch of later panels runs unless all its panels are skipped. Batches keep their composition
         and their draws, so a resumed run gives the same images as an uninterrupted one.
 
+        ``photos``: the characters' reference photos (``RefPhotos``), each character's encoded once here.
         ``bank``: where the id bank is kept, ``auto`` (memory if it fits, else disk), ``memory`` or ``disk``;
         ``bank_dir``: the folder for a bank on disk (default: a new temporary folder), deleted afterwards."""
-        place = self.check(story, settings, bank, bank_dir)
+        uses, place = self.check(story, settings, photos, bank, bank_dir)
+        if photos is not None:  # each character's photos encoded once
+            encoded = {n: self.photomaker.encode_photos(p) for n, p in photos.photos.items()}
+            photos = (photos, [None if c is None else encoded[c] for c in uses])
         if place == "disk" and bank_dir is None:
             bank_dir = tempfile.mkdtemp(prefix="mindone-story-bank-")
         self.bank = IdBank(self.sdxl.dtype, bank_dir if place == "disk" else None)
         try:
-            return self._story(story, settings, on_panel, on_step, set(skip))
+            return self._story(story, settings, on_panel, on_step, set(skip), photos)
         finally:  # the bank is gigabytes at full size: never kept past the call
             self.bank.close()
             self.bank = IdBank(self.sdxl.dtype)
 
-    def _story(self, story, settings, on_panel, on_step, skip) -> dict[int, Image.Image]:
+    def _story(self, story, settings, on_panel, on_step, skip, photos) -> dict[int, Image.Image]:
         images: dict[int, Image.Image] = {}
 
         def done(indices, batch_images):
@@ -221,7 +257,16 @@ class StoryDiffusionPipeline:
                 tile = list(ids[start : start + window])
                 reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
                 batch = self._run(
-                    story, settings, tile, name, reads, phase_seed, on_step, recent=window, bank_images=room
+                    story,
+                    settings,
+                    tile,
+                    name,
+                    reads,
+                    phase_seed,
+                    on_step,
+                    photos=photos,
+                    recent=window,
+                    bank_images=room,
                 )
                 done(tile, batch)
                 phase_seed += 1
@@ -231,7 +276,9 @@ class StoryDiffusionPipeline:
         for batch_ids in self.read_batches(story, settings):
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
-                batch = self._run(story, settings, batch_ids, None, reads, phase_seed, on_step, bank_images=most)
+                batch = self._run(
+                    story, settings, batch_ids, None, reads, phase_seed, on_step, photos=photos, bank_images=most
+                )
                 done(batch_ids, batch)
             phase_seed += 1
         return images

@@ -96,6 +96,7 @@ def run_story(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
+    photos=None,
     bank: str = "auto",
     world: World | None = None,
 ) -> StoryRun | None:
@@ -103,14 +104,16 @@ def run_story(
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
     beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
-    after every sampler step of a batch. ``bank``: where the id bank is kept (see the pipeline); on disk it is the
+    after every sampler step of a batch. ``photos``: the characters' reference photos (``RefPhotos``), recorded in
+    the settings. ``bank``: where the id bank is kept (see the pipeline); on disk it is the
     folder's ``.id_bank`` (one per rank), deleted when the run ends. With a ``world`` of several ranks (``parallel``)
     the later panels are split across them and rank 0 writes every file; it returns None on the other ranks."""
     world = world or World()
     folder = Path(folder)
     bank_dir = folder / (BANK_DIR if world.size == 1 else f"{BANK_DIR}.rank{world.rank}")
-    pipe.check(story, settings, bank, bank_dir)  # memory and disk, before the folder is touched
+    pipe.check(story, settings, photos, bank, bank_dir)  # memory and disk, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
+    record_settings |= photos.to_record() if photos is not None else {}
     record_settings |= extra or {}
     loaded = pipe.sdxl.models
     record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
@@ -170,7 +173,16 @@ def run_story(
 
         try:
             skip = set(made) | {i for b in pending if b not in mine for i in b}
-            pipe(story, settings, on_panel=made_here, on_step=on_step, skip=sorted(skip), bank=bank, bank_dir=bank_dir)
+            pipe(
+                story,
+                settings,
+                on_panel=made_here,
+                on_step=on_step,
+                skip=sorted(skip),
+                photos=photos,
+                bank=bank,
+                bank_dir=bank_dir,
+            )
         except Exception as e:
             step.fail(e)
             raise

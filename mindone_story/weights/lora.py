@@ -274,7 +274,9 @@ def read_lora(
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: LoRA file not found")
-    return map_lora(open_weights(path), Names.of(configs, shapes), path)
+    from .photomaker import lora_part  # a PhotoMaker file: its lora_weights
+
+    return map_lora(lora_part(open_weights(path), path), Names.of(configs, shapes), path)
 
 
 def map_lora(source: L.LazySource, names: Names, path: Path) -> LoRA:
