@@ -69,3 +69,51 @@ def test_too_few_chunks_is_refused(models, io):
     long = texts(io, "batch")[0][0]
     with pytest.raises(ValueError, match="needs 3 chunks of 75 tokens, not 2"):
         long_prompts.chunked_ids(models.tokenizer, [long], 2)
+
+
+LONG = "walks through the old city at night, under heavy rain, past the closed shops. " * 2
+
+
+def test_story_pads_every_batch_to_the_runs_chunks(tmp_path, monkeypatch):
+    """Batched id panels of different lengths (consistent attention) and a read panel: every UNet call of
+    the run gets the same text length (so a compiled run keeps one graph per batch size; PyNative here, for speed),
+    the count is recorded, and nothing is reported dropped."""
+    from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline, StoryDiffusionSettings
+    from mindone_story.pretrained import tiny_model_dir
+    from mindone_story.runs.story_diffusion import run_story
+    from mindone_story.story.prompts import parse_story
+
+    pipe = StoryDiffusionPipeline(load_sdxl(tiny_model_dir()), mode="pynative")
+    story = parse_story("[Bob] a man", f"[Bob] wakes up\n[Bob] {LONG}\n[Bob] has breakfast", 2)
+    settings = StoryDiffusionSettings(height=64, width=64, steps=1, long_prompts=True)
+    shapes = []
+    encode = pipe.sdxl.encode_prompts
+    monkeypatch.setattr(pipe.sdxl, "encode_prompts", lambda *a: shapes.append(encode(*a).context.shape) or encode(*a))
+    result = run_story(pipe, story, settings, tmp_path / "run")
+    chunks = pipe.text_chunks(story, settings)  # the styled negative prompt is the longest text here
+    assert chunks > 2 and result.record.story["text_chunks"] == chunks
+    assert shapes == [(4, chunks * 77, 96), (2, chunks * 77, 96)]  # the id batch of 2, then the read panel
+    assert result.record.settings["long_prompts"] is True
+    assert all(p["dropped"] == {} for p in result.record.story["panels"])
+
+
+def test_story_adapter_long_prompts_with_reference_tokens():
+    """Story-Adapter's decoupled cross-attention takes the text and image tokens apart (no 77 in the split): a
+    round with references runs on 3-chunk text, and a story within 77 tokens gives the default images exactly."""
+    from mindone_story import StoryAdapterPipeline, StoryAdapterSettings
+    from mindone_story.pretrained import TINY_IP_ADAPTER, load_ip_adapter_models, tiny_model_dir
+
+    root = tiny_model_dir()
+    models = load_sdxl(root)
+    ip = load_ip_adapter_models(root / "ip_adapter" / TINY_IP_ADAPTER, root / "image_encoder", models.unet.config)
+    pipe = StoryAdapterPipeline(models, ip, mode="pynative")
+    small = dict(style="realistic", seed=3, rounds=1, steps=1, height=64, width=64)  # "a cat" styled: 1 chunk
+    short = ("a cat", "a dog")
+    plain = pipe(StoryAdapterSettings(short, **small))
+    chunked = pipe(StoryAdapterSettings(short, long_prompts=True, **small))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(plain[1], chunked[1]))
+    settings = StoryAdapterSettings(("a cat", "a cat " + LONG), long_prompts=True, **small)
+    assert pipe.embeds(settings.model_prompts[0], settings).context.shape == (2, 3 * 77, 96)
+    cut = pipe(StoryAdapterSettings(("a cat", "a cat " + LONG), **small))
+    full = pipe(settings)
+    assert not np.array_equal(np.asarray(cut[1][1]), np.asarray(full[1][1]))

@@ -148,11 +148,11 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
     story = parse_story("[Bob] a man", "\n".join(f"[Bob] scene {i}" for i in range(7)), 6)
     calls = []
 
-    def run(story, settings, indices, write_as, reads, phase_seed, progress, **phase_args):
+    def run(story, settings, indices, write_as, reads, phase_seed, progress, chunks, **phase_args):
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 
-    fake = SimpleNamespace(check=lambda story, settings: None, _run=run)
+    fake = SimpleNamespace(check=lambda story, settings: None, _run=run, text_chunks=lambda story, settings: None)
     StoryDiffusionPipeline.__call__(fake, story, StoryDiffusionSettings(window=2))
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]

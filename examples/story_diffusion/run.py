@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         window=args.window,
         read_batch=args.read_batch,
         freeu=args.freeu,
+        long_prompts=args.long_prompts,
     )
     layout = PageLayout(args.typesetting, args.font_size)
     story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)

@@ -189,9 +189,11 @@ class SDXLPipeline:
         seed: int = 0,
         scheduler: str = "ddim",
         noise: np.ndarray | None = None,
+        long_prompts: bool = False,
     ) -> list[Image.Image]:
         prompts = list(prompts)
-        embeds = self.encode_prompts(prompts, negative_prompts)
+        chunks = self.text_chunks(prompts + list(negative_prompts or [])) if long_prompts else None
+        embeds = self.encode_prompts(prompts, negative_prompts, chunks)
         if noise is None:
             noise = self.initial_noise(seed, len(prompts), height, width)
         latents = self.denoise(noise, embeds, steps, guidance_scale, scheduler, seed=seed)

@@ -51,6 +51,7 @@ class StoryDiffusionSettings:
     window: int | None = None  # id panels per write batch (None: all id panels of a character at once)
     read_batch: int = 1  # later panels per batch
     freeu: tuple[float, float, float, float] | None = APP_FREEU  # (s1, s2, b1, b2) or None; the app's by default
+    long_prompts: bool = False  # prompts past 77 tokens in 77-token chunks (compel's way) instead of cut
 
     def __post_init__(self):
         object.__setattr__(self, "freeu", freeu_factors(self.freeu))  # 'off', 's1,s2,b1,b2' or four numbers
@@ -68,6 +69,8 @@ class StoryDiffusionSettings:
             "window": None if self.window is None else checks.whole("window", self.window, 1),
             "read_batch": checks.whole("read_batch", self.read_batch, 1),
         }
+        if not isinstance(self.long_prompts, bool):
+            raise StoryError(f"long_prompts must be true or false, got {self.long_prompts!r}")
         if not isinstance(self.negative_prompt, str):
             raise StoryError(f"negative_prompt must be text, got {self.negative_prompt!r}")
         for name, value in values.items():
@@ -98,10 +101,21 @@ class StoryDiffusionPipeline:
         styled = [apply_style(settings.style_name, p.prompt, settings.negative_prompt) for p in story.panels]
         return [p for p, _ in styled], [n for _, n in styled]
 
+    def text_chunks(self, story: Story, settings: StoryDiffusionSettings) -> int | None:
+        """With ``long_prompts``, the 77-token chunks of every prompt of the run (its longest prompt's count, so
+        every batch has one shape); None without."""
+        if not settings.long_prompts:
+            return None
+        positive, negative = self.prompts(story, settings)
+        return self.sdxl.text_chunks(positive + negative)
+
     def truncation(self, story: Story, settings: StoryDiffusionSettings) -> dict[int, dict[str, str]]:
         """The panels whose styled prompt or negative prompt passes CLIP's 77 tokens: {panel: {"prompt": dropped
-        text, "negative_prompt": dropped text}}, each key only where something is dropped."""
+        text, "negative_prompt": dropped text}}, each key only where something is dropped (nothing with
+        ``long_prompts``)."""
         cut: dict[int, dict[str, str]] = {}
+        if settings.long_prompts:
+            return cut
         for key, texts in zip(("prompt", "negative_prompt"), self.prompts(story, settings)):
             for i, text in enumerate(self.sdxl.dropped_text(texts)):
                 if text:
@@ -117,6 +131,7 @@ class StoryDiffusionPipeline:
         reads: list[list[str]],
         phase_seed: int,
         on_step,
+        chunks: int | None,
         **phase_args,
     ) -> list[Image.Image]:
         tokens = self.level_tokens(settings.height, settings.width)
@@ -132,7 +147,7 @@ class StoryDiffusionPipeline:
             self.processors, tokens, [settings.sa32, settings.sa64], draws, self.bank, write_as, reads, **phase_args
         )
         positive, negative = self.prompts(story, settings)
-        embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices])
+        embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices], chunks)
         noise = np.concatenate([self.panel_noise(settings.seed, i, settings.height, settings.width) for i in indices])
         latents = self.sdxl.denoise(
             noise,
@@ -163,13 +178,23 @@ class StoryDiffusionPipeline:
         on_panel: PanelCallback | None = None,
         on_step: StepCallback | None = None,
         skip: Sequence[int] = (),
+        text_chunks: int | None = None,
     ) -> dict[int, Image.Image]:
         """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
 
         ``skip``: panels already made (a resumed run). Id panels always run, because later panels read the banks
         they write; a batch of later panels runs unless all its panels are skipped. Batches keep their composition
-        and their draws, so a resumed run gives the same images as an uninterrupted one."""
+        and their draws, so a resumed run gives the same images as an uninterrupted one. ``text_chunks``: with
+        ``long_prompts``, the chunk count to pad to (default: this story's); a continued story keeps its first
+        run's, since padding chunks change the images."""
         self.check(story, settings)
+        chunks = self.text_chunks(story, settings)
+        if chunks is not None and text_chunks is not None:
+            if chunks > text_chunks:
+                raise StoryError(
+                    f"a prompt of this story needs {chunks} chunks of 75 tokens; the story was begun with {text_chunks}"
+                )
+            chunks = text_chunks
         self.bank = IdBank()
         images: dict[int, Image.Image] = {}
         skip = set(skip)
@@ -190,7 +215,7 @@ class StoryDiffusionPipeline:
                 tile = list(ids[start : start + window])
                 reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
                 batch = self._run(
-                    story, settings, tile, name, reads, phase_seed, on_step, recent=window, bank_images=room
+                    story, settings, tile, name, reads, phase_seed, on_step, chunks, recent=window, bank_images=room
                 )
                 done(tile, batch)
                 phase_seed += 1
@@ -201,7 +226,9 @@ class StoryDiffusionPipeline:
             batch_ids = others[start : start + settings.read_batch]
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
-                batch = self._run(story, settings, batch_ids, None, reads, phase_seed, on_step, bank_images=most)
+                batch = self._run(
+                    story, settings, batch_ids, None, reads, phase_seed, on_step, chunks, bank_images=most
+                )
                 done(batch_ids, batch)
             phase_seed += 1
         return images

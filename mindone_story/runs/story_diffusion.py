@@ -26,6 +26,7 @@ from .files import prepare, read_png, save_png
 from .record import RunRecord
 
 METHOD = "StoryDiffusion"
+LATER_SETTINGS = {"long_prompts": False}  # settings added after the first records; absent means this value
 Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 
 
@@ -56,7 +57,9 @@ class StoryRun:
 def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
     positive, negative = pipe.prompts(story, settings)
     cut = pipe.truncation(story, settings)
+    chunks = pipe.text_chunks(story, settings)
     return {
+        **({"text_chunks": chunks} if chunks else {}),  # long_prompts: 77-token chunks per prompt, the run's shape
         "characters": {c.name: c.description for c in story.characters},
         "id_length": story.id_length,
         "id_panels": {k: list(v) for k, v in story.id_panels.items()},
@@ -149,9 +152,8 @@ def run_story(
 
 def _check_same_run(old: RunRecord, settings: dict, models: dict, story: dict) -> None:
     """A resumed run must make the same images: same settings, story and model files."""
-    diffs = [
-        f"{k}: recorded {old.settings.get(k)!r}, given {v!r}" for k, v in settings.items() if old.settings.get(k) != v
-    ]
+    recorded = {**LATER_SETTINGS, **old.settings}
+    diffs = [f"{k}: recorded {recorded.get(k)!r}, given {v!r}" for k, v in settings.items() if recorded.get(k) != v]
     if old.models.get("fingerprint") != models["fingerprint"]:
         diffs.append("the model files differ from the recorded ones (fingerprint)")
     if old.story != story:
