@@ -148,7 +148,7 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
     story = parse_story("[Bob] a man", "\n".join(f"[Bob] scene {i}" for i in range(7)), 6)
     calls = []
 
-    def run(story, settings, indices, write_as, reads, phase_seed, progress, chunks, **phase_args):
+    def run(story, settings, indices, write_as, reads, phase_seed, progress, replay, **phase_args):
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 

@@ -10,6 +10,12 @@
 A story file has one panel per line: ``[Bob] at home, read new paper #at home, the newspaper says...``; ``[NC]``
 marks a panel without characters; text after ``#`` is the caption. With a plain --general_prompt (no ``[Name]``),
 it describes the one character of every panel, as in the original notebook.
+
+Characters kept across runs, and comics continued (settings, characters and model from the record):
+
+    python examples/story_diffusion/run.py ... --output_dir out --save_characters      # out/character_Bob.json
+    python examples/story_diffusion/run.py --character out/character_Bob.json --story later.txt --output_dir out2
+    python examples/story_diffusion/run.py --continue out --story more.txt              # more panels and pages
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--story", default=None, help="a file with one panel per line (default: mindone's 8 actions)")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE)
     add_common(p, "default 50 (4 for the tiny model)", "default 768 (128 for the tiny model)")
-    p.add_argument("--id_length", type=int, default=4)
+    p.add_argument("--id_length", type=int, default=None, help="default 4, or the loaded characters'")
     p.add_argument("--sa32", type=float, default=0.5, help="share of 1/32-resolution tokens each image sees")
     p.add_argument("--sa64", type=float, default=0.5, help="share of 1/16-resolution tokens each image sees")
     p.add_argument("--window", type=int, default=None, help="id panels per write batch (bounds memory)")
@@ -74,48 +80,106 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help=f"caption font size (default {DEFAULT_FONT_SIZE} at 768 px wide, scaled with the width)",
     )
+    p.add_argument(
+        "--character",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a character saved by --save_characters: its id panels open the story, replayed exactly; repeatable",
+    )
+    p.add_argument(
+        "--save_characters", action="store_true", help="write output_dir/character_NAME.json for every character"
+    )
+    p.add_argument(
+        "--continue",
+        dest="continue_dir",
+        default=None,
+        metavar="OUTPUT_DIR",
+        help="add --story's panels to the comic in OUTPUT_DIR (its settings, characters and model); no --story "
+        "finishes an interrupted continuation",
+    )
     add_lora(p)
     add_output(p, "outputs")
     return p.parse_args(argv)
 
 
+CONTINUE_FLAGS = {"continue_dir", "story", "save_characters", "no_progress", "cache_dir", "local_files_only"}
+
+
+def continued(args: argparse.Namespace):
+    """--continue: the recorded story with --story's lines after it, and everything else from the record."""
+    from mindone_story.errors import StoryError
+    from mindone_story.runs.characters import continued_story, settings_of
+    from mindone_story.runs.record import RunRecord
+
+    defaults = vars(parse_args([]))
+    given = [k for k, v in vars(args).items() if k not in CONTINUE_FLAGS and v != defaults[k]]
+    if given:
+        raise StoryError(f"--continue takes its settings from the record; drop --{given[0]}")
+    record = RunRecord.read(args.continue_dir, METHOD)
+    story, replay = continued_story(record, read_story_file(args.story) if args.story else "")
+    layout = PageLayout(record.settings.get("typesetting", "Four Pannel"), record.settings.get("font_size"))
+    loras = [(lora["path"], lora["scale"]) for lora in record.models.get("loras", [])]
+    extra = {"mode": record.settings.get("mode", "graph"), "dtype": record.settings.get("dtype")}
+    return story, replay, settings_of(record), layout, record.models.get("model", "tiny"), loras, extra
+
+
 def run(args: argparse.Namespace) -> int:
     # everything is checked before a model is downloaded or loaded, or a file is written
-    tiny = args.sd_model_name == "tiny" and not args.model_path
-    defaults = {**DEFAULTS, **(TINY if tiny else {})}
-    values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
-    settings = StoryDiffusionSettings(
-        **values,
-        sa32=args.sa32,
-        sa64=args.sa64,
-        style_name=args.style_name,
-        negative_prompt=args.negative_prompt,
-        scheduler=args.scheduler,
-        window=args.window,
-        read_batch=args.read_batch,
-        freeu=args.freeu,
-        long_prompts=args.long_prompts,
-    )
-    layout = PageLayout(args.typesetting, args.font_size)
-    story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
-    loras = check_loras(args.lora)
-    out = Path(args.output_dir)
-    files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
-    dtype = setup(args.device, args.dtype, args.attention)
+    from mindone_story.runs import characters as kept_characters
+
+    recipes = [kept_characters.read_character(path) for path in args.character]
+    if args.continue_dir:
+        story, replay, settings, layout, model, loras, extra = continued(args)
+        out = Path(args.continue_dir)
+    else:
+        tiny = args.sd_model_name == "tiny" and not args.model_path
+        defaults = {**DEFAULTS, **(TINY if tiny else {})}
+        values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+        settings = StoryDiffusionSettings(
+            **values,
+            sa32=args.sa32,
+            sa64=args.sa64,
+            style_name=args.style_name,
+            negative_prompt=args.negative_prompt,
+            scheduler=args.scheduler,
+            window=args.window,
+            read_batch=args.read_batch,
+            freeu=args.freeu,
+            long_prompts=args.long_prompts,
+        )
+        layout = PageLayout(args.typesetting, args.font_size)
+        story_text = read_story_file(args.story) if args.story else None
+        id_length = args.id_length or (len(recipes[0].id_panels) if recipes else 4)
+        if recipes:
+            for recipe in recipes:
+                kept_characters.check_settings(recipe, settings)
+            box = args.general_prompt if "[" in args.general_prompt else ""  # a plain description: the files'
+            story, replay = kept_characters.story_with_characters(recipes, box, story_text or "", id_length)
+        else:
+            story, replay = story_from_text(args.general_prompt, story_text, id_length), None
+        loras = check_loras(args.lora)
+        out = Path(args.output_dir)
+        files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
+        model, extra = None, {"mode": args.mode, "dtype": args.dtype}
+    dtype = setup(args.device, extra["dtype"], args.attention)
 
     import mindspore as ms
     from tqdm.auto import tqdm
 
-    fp16 = dtype == ms.float16  # fetch the fp16 weights for an fp16 run
-    model = resolve_model(
-        args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
-    )
+    if model is None:
+        fp16 = dtype == ms.float16  # fetch the fp16 weights for an fp16 run
+        model = resolve_model(
+            args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
+        )
 
     from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
 
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype, loras)
-    pipe = StoryDiffusionPipeline(models, mode=args.mode)
+    for recipe in recipes:
+        kept_characters.check_model(recipe, models.fingerprint, models.loras)
+    pipe = StoryDiffusionPipeline(models, mode=extra["mode"])
     cut = pipe.truncation(story, settings)  # never cut silently: say what CLIP's 77 tokens leave out
     for i, parts in sorted(cut.items()):
         if "prompt" in parts:
@@ -141,21 +205,26 @@ def run(args: argparse.Namespace) -> int:
         out,
         layout,
         models={"model": model},
-        extra={"mode": args.mode, "dtype": args.dtype},
+        extra=extra,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=on_panel,
         on_step=on_step,
+        replay=replay,
+        extend=bool(args.continue_dir),
     )
     steps.close()
     panels.close()
+    if args.save_characters:
+        saved = kept_characters.save_characters(result.record, out)
+        print(f"saved {len(saved)} character(s): {', '.join(p.name for p in saved)}")
     print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
     return 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return main_guard(lambda: run(args), lambda: kept(args.output_dir))
+    return main_guard(lambda: run(args), lambda: kept(args.continue_dir or args.output_dir))
 
 
 if __name__ == "__main__":

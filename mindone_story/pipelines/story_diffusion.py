@@ -9,8 +9,8 @@ the characters it names. ``[NC]`` panels attend to nothing extra. Every panel's 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from PIL import Image
@@ -83,6 +83,22 @@ class StoryDiffusionSettings:
 PanelCallback = Callable[[int, Image.Image], None]
 
 
+@dataclass(frozen=True)
+class Replay:
+    """What pins a story's randomness beyond its settings, so a later run can redraw panels of an earlier one
+    byte for byte: a kept character's id panels (their noise seeds and the draw seed of each id tile, as recorded),
+    and a continued story's parts (read batches never span the start of a part, so earlier batches keep their
+    composition). Empty, every panel's noise seed is ``(seed, panel)`` and phases are numbered in order."""
+
+    noise_seeds: Mapping[int, Sequence[int]] = field(default_factory=dict)  # panel -> noise seed
+    id_phase_seeds: Mapping[str, Sequence[int]] = field(default_factory=dict)  # character -> seed of each id tile
+    parts: Sequence[int] = ()  # panel indices where later parts of a continued story begin
+    text_chunks: int | None = None  # long_prompts: the chunk count to pad to (default: the story's own)
+
+    def noise_seed(self, seed: int, panel: int) -> list[int]:
+        return list(self.noise_seeds.get(panel, (seed, panel)))
+
+
 class StoryDiffusionPipeline:
     def __init__(self, models: SDXLModels, mode: str = "graph"):
         self.sdxl = SDXLPipeline(models, mode=mode)
@@ -93,9 +109,6 @@ class StoryDiffusionPipeline:
     def level_tokens(self, height: int, width: int) -> list[int]:
         """Tokens per image at the two consistent-attention resolutions: 1/32 and 1/16 of the image for SDXL."""
         return up_level_tokens(self.unet, height // self.sdxl.vae_scale, width // self.sdxl.vae_scale)
-
-    def panel_noise(self, seed: int, index: int, height: int, width: int) -> np.ndarray:
-        return self.sdxl.initial_noise([seed, index], 1, height, width)
 
     def prompts(self, story: Story, settings: StoryDiffusionSettings) -> tuple[list[str], list[str]]:
         styled = [apply_style(settings.style_name, p.prompt, settings.negative_prompt) for p in story.panels]
@@ -131,7 +144,7 @@ class StoryDiffusionPipeline:
         reads: list[list[str]],
         phase_seed: int,
         on_step,
-        chunks: int | None,
+        replay: Replay,
         **phase_args,
     ) -> list[Image.Image]:
         tokens = self.level_tokens(settings.height, settings.width)
@@ -147,8 +160,11 @@ class StoryDiffusionPipeline:
             self.processors, tokens, [settings.sa32, settings.sa64], draws, self.bank, write_as, reads, **phase_args
         )
         positive, negative = self.prompts(story, settings)
-        embeds = self.sdxl.encode_prompts([positive[i] for i in indices], [negative[i] for i in indices], chunks)
-        noise = np.concatenate([self.panel_noise(settings.seed, i, settings.height, settings.width) for i in indices])
+        embeds = self.sdxl.encode_prompts(
+            [positive[i] for i in indices], [negative[i] for i in indices], replay.text_chunks
+        )
+        h, w = settings.height, settings.width
+        noise = np.concatenate([self.sdxl.initial_noise(replay.noise_seed(settings.seed, i), 1, h, w) for i in indices])
         latents = self.sdxl.denoise(
             noise,
             embeds,
@@ -178,23 +194,25 @@ class StoryDiffusionPipeline:
         on_panel: PanelCallback | None = None,
         on_step: StepCallback | None = None,
         skip: Sequence[int] = (),
-        text_chunks: int | None = None,
+        replay: Replay = Replay(),
     ) -> dict[int, Image.Image]:
         """Generate every panel; ``on_panel(index, image)`` is called as soon as each panel is decoded.
 
         ``skip``: panels already made (a resumed run). Id panels always run, because later panels read the banks
         they write; a batch of later panels runs unless all its panels are skipped. Batches keep their composition
-        and their draws, so a resumed run gives the same images as an uninterrupted one. ``text_chunks``: with
-        ``long_prompts``, the chunk count to pad to (default: this story's); a continued story keeps its first
-        run's, since padding chunks change the images."""
+        and their draws, so a resumed run gives the same images as an uninterrupted one. ``replay``: seeds and
+        shapes carried over from an earlier run (a kept character, a continued story); its ``text_chunks`` is kept
+        (padding chunks change the images), so a story needing more is refused."""
         self.check(story, settings)
         chunks = self.text_chunks(story, settings)
-        if chunks is not None and text_chunks is not None:
-            if chunks > text_chunks:
+        if chunks is not None and replay.text_chunks is not None:
+            if chunks > replay.text_chunks:
                 raise StoryError(
-                    f"a prompt of this story needs {chunks} chunks of 75 tokens; the story was begun with {text_chunks}"
+                    f"a prompt of this story needs {chunks} chunks of 75 tokens; the characters or story it continues "
+                    f"were made with {replay.text_chunks}"
                 )
-            chunks = text_chunks
+            chunks = replay.text_chunks
+        replay = replace(replay, text_chunks=chunks)
         self.bank = IdBank()
         images: dict[int, Image.Image] = {}
         skip = set(skip)
@@ -205,30 +223,57 @@ class StoryDiffusionPipeline:
                 if on_panel is not None:
                     on_panel(i, image)
 
-        phase_seed = 0
-        for name, ids in story.id_panels.items():
-            window = settings.window or len(ids)
+        tiles = id_tiles(story.id_panels, settings.window, replay)
+        for name, tile, seed, first in tiles:
+            window = settings.window or len(tile)
             # with a window, the first tile gets the same (empty, masked) room for banked images as the later ones,
             # so every full tile runs one compiled graph: peak memory does not grow with the number of id images
             room = window if settings.window else None
-            for start in range(0, len(ids), window):
-                tile = list(ids[start : start + window])
-                reads = [[name] if start else [] for _ in tile]  # later windows also see the previous one
-                batch = self._run(
-                    story, settings, tile, name, reads, phase_seed, on_step, chunks, recent=window, bank_images=room
-                )
-                done(tile, batch)
-                phase_seed += 1
+            reads = [[] if first else [name] for _ in tile]  # later windows also see the previous one
+            batch = self._run(
+                story, settings, tile, name, reads, seed, on_step, replay, recent=window, bank_images=room
+            )
+            done(tile, batch)
+        phase_seed = len(tiles)
         others = list(story.other_indices)
         # every read batch gets room for the most banked images any panel reads: one compiled graph for all
         most = max([sum(len(story.id_panels[c]) for c in story.panels[i].characters) for i in others] + [0])
-        for start in range(0, len(others), settings.read_batch):
-            batch_ids = others[start : start + settings.read_batch]
+        for batch_ids in read_batches(others, settings.read_batch, replay.parts):
             reads = [list(story.panels[i].characters) for i in batch_ids]
             if not skip.issuperset(batch_ids):
                 batch = self._run(
-                    story, settings, batch_ids, None, reads, phase_seed, on_step, chunks, bank_images=most
+                    story, settings, batch_ids, None, reads, phase_seed, on_step, replay, bank_images=most
                 )
                 done(batch_ids, batch)
             phase_seed += 1
         return images
+
+
+def id_tiles(
+    id_panels: Mapping[str, Sequence[int]], window: int | None, replay: Replay = Replay()
+) -> list[tuple[str, list[int], int, bool]]:
+    """Every id phase in order: (character, its panels, draw seed, first tile of the character). Phases are
+    numbered from 0 in character-box order; a kept character's tiles keep their recorded seeds."""
+    tiles, phase = [], 0
+    for name, ids in id_panels.items():
+        size = window or len(ids)
+        kept = replay.id_phase_seeds.get(name)
+        for k, start in enumerate(range(0, len(ids), size)):
+            tiles.append((name, list(ids[start : start + size]), phase if kept is None else int(kept[k]), start == 0))
+            phase += 1
+    return tiles
+
+
+def read_batches(others: Sequence[int], size: int, parts: Sequence[int] = ()) -> list[list[int]]:
+    """The later panels in batches of ``size``, in story order, a new batch at the start of every part."""
+
+    def part(i: int) -> int:
+        return sum(i >= start for start in parts)
+
+    batches: list[list[int]] = []
+    for i in others:
+        if batches and len(batches[-1]) < size and part(batches[-1][0]) == part(i):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches

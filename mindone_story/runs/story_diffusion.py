@@ -20,13 +20,14 @@ from PIL import Image
 from .. import checks
 from ..errors import RecordError
 from ..pipelines.sdxl import StepCallback
+from ..pipelines.story_diffusion import Replay
 from ..story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
 from ..story.prompts import Story
+from .characters import LATER_SETTINGS, replay_section
 from .files import prepare, read_png, save_png
 from .record import RunRecord
 
 METHOD = "StoryDiffusion"
-LATER_SETTINGS = {"long_prompts": False}  # settings added after the first records; absent means this value
 Progress = Callable[[int, int, str], None]  # (done, total, what) -> None
 
 
@@ -54,12 +55,13 @@ class StoryRun:
     record: RunRecord
 
 
-def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
+def _story_section(pipe, story: Story, settings, replay: Replay) -> dict[str, Any]:
     positive, negative = pipe.prompts(story, settings)
     cut = pipe.truncation(story, settings)
-    chunks = pipe.text_chunks(story, settings)
+    chunks = settings.long_prompts and (replay.text_chunks or pipe.text_chunks(story, settings))
     return {
         **({"text_chunks": chunks} if chunks else {}),  # long_prompts: 77-token chunks per prompt, the run's shape
+        **({"replay": replay_section(replay)} if replay_section(replay) else {}),  # kept characters, parts
         "characters": {c.name: c.description for c in story.characters},
         "id_length": story.id_length,
         "id_panels": {k: list(v) for k, v in story.id_panels.items()},
@@ -71,7 +73,7 @@ def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
                 "negative_prompt": negative[i],
                 "caption": p.caption,
                 "characters": list(p.characters),
-                "noise_seed": [settings.seed, i],
+                "noise_seed": replay.noise_seed(settings.seed, i),
                 "dropped": cut.get(i, {}),  # text past CLIP's 77 tokens, not seen by the model
             }
             for i, p in enumerate(story.panels)
@@ -95,26 +97,31 @@ def run_story(
     overwrite: bool = False,
     progress: Progress | None = None,
     on_step: StepCallback | None = None,
+    replay: Replay | None = None,
+    extend: bool = False,
 ) -> StoryRun:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
     ``models`` (paths or names of the files loaded) and ``extra`` (run options such as the mode) are recorded
     beside the settings; ``progress(done, total, what)`` is called after every panel and ``on_step(done, total)``
-    after every sampler step of a batch."""
-    folder = Path(folder)
+    after every sampler step of a batch. ``replay``: seeds kept from earlier runs (``runs.characters``);
+    ``extend``: the folder's run is continued with more panels (``continued_story`` gives story and replay)."""
+    folder, replay = Path(folder), replay or Replay()
     pipe.check(story, settings)  # memory, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
     record_settings |= extra or {}
     loaded = pipe.sdxl.models
     record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
     record_models["loras"] = loaded.loras  # path, scale and fingerprint of each LoRA fused into the model
-    story_section = _story_section(pipe, story, settings)
-    old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+    story_section = _story_section(pipe, story, settings, replay)
+    old = prepare(folder, METHOD, resume=resume or extend, overwrite=overwrite)
     total = len(story.panels)
     images: dict[int, Image.Image] = {}
     if old is not None:
-        _check_same_run(old, record_settings, record_models, story_section)
+        made = len(old.story.get("panels") or [])
+        _check_same_run(old, record_settings, record_models, story_section, extend)
         record = old
+        record.story = story_section
         for i in record.require("progress", "panels", list):
             if not isinstance(i, int) or not 0 <= i < total:
                 raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
@@ -136,7 +143,7 @@ def run_story(
         if progress:
             progress(len(images), total, f"panel {index + 1}")
 
-    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images))
+    pipe(story, settings, on_panel=on_panel, on_step=on_step, skip=sorted(images), replay=replay)
     ordered = [images[i] for i in range(total)]
     pages = make_pages(ordered, layout.typesetting, story.captions, layout.size_for(settings.width), seed=settings.seed)
     names = [f"page_{k:02d}.png" for k in range(len(pages))]
@@ -145,21 +152,30 @@ def run_story(
         if name not in record.files:
             record.files.append(name)
     record.progress = {"panels": record.progress["panels"], "pages": names, "done": True}
-    record.log.append({"resumed": old is not None, "seconds": round(time.time() - start, 2)})
+    grown = {"continued": f"{made} -> {total} panels"} if extend else {}
+    record.log.append({"resumed": old is not None and not extend, **grown, "seconds": round(time.time() - start, 2)})
     record.save(folder)
     return StoryRun(folder, [folder / panel_name(i) for i in range(total)], [folder / n for n in names], record)
 
 
-def _check_same_run(old: RunRecord, settings: dict, models: dict, story: dict) -> None:
-    """A resumed run must make the same images: same settings, story and model files."""
+def _check_same_run(old: RunRecord, settings: dict, models: dict, story: dict, extend: bool = False) -> None:
+    """A resumed run must make the same images: same settings, story and model files (a continued one: its story
+    begins with the recorded one)."""
     recorded = {**LATER_SETTINGS, **old.settings}
     diffs = [f"{k}: recorded {recorded.get(k)!r}, given {v!r}" for k, v in settings.items() if recorded.get(k) != v]
     if old.models.get("fingerprint") != models["fingerprint"]:
         diffs.append("the model files differ from the recorded ones (fingerprint)")
-    if old.story != story:
+    if extend:  # the recorded panels first; the replay grows by the new part (continued_story carries it over)
+        old_story = {k: v for k, v in old.story.items() if k != "replay"}
+        made = len(old.story.get("panels") or [])
+        story = {**{k: v for k, v in story.items() if k != "replay"}, "panels": story["panels"][:made]}
+    else:
+        old_story = old.story
+    if old_story != story:
         diffs.append("the story (characters or panels) differs from the recorded one")
     if diffs:
-        raise RecordError("cannot resume: the run was made with other settings: " + "; ".join(diffs[:5]))
+        what = "continue" if extend else "resume"
+        raise RecordError(f"cannot {what}: the run was made with other settings: " + "; ".join(diffs[:5]))
 
 
 def kept(folder: str | Path) -> str:
