@@ -103,7 +103,7 @@ def edited(first: Path, tmp_path: Path, **changes) -> Path:
         (lambda f, t: edited(f, t, id_panels=None), [], "incomplete or edited"),
         (lambda f, t: edited(f, t, models__fingerprint="0" * 64), [], "was made with other model weights"),
         (lambda f, t: f / "character_Bob.json", ["--height", "128"], "other settings: height 64 (this run: 128)"),
-        (lambda f, t: f / "character_Bob.json", ["--sampling_steps", "3"], "other settings: steps 2 (this run: 3)"),
+        (lambda f, t: f / "character_Bob.json", ["--sampling_steps", "3"], "other settings: steps 1 (this run: 3)"),
         (lambda f, t: f / "character_Bob.json", ["--id_length", "1"], "has 2 id panels, this story 1"),
     ],
 )
