@@ -27,6 +27,7 @@ import app_logic as logic  # noqa: E402
 
 from mindone_story.errors import describe  # noqa: E402
 from mindone_story.models.freeu import APP_FREEU  # noqa: E402
+from mindone_story.runs.characters import check_model, save_characters  # noqa: E402
 from mindone_story.runs.story_diffusion import run_story  # noqa: E402
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
 from mindone_story.story.prompts import ADAPTER_STYLES, DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
@@ -136,6 +137,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         font_size,
         negative_prompt=logic.DEFAULT_NEGATIVE,
         freeu=FREEU_TEXT,
+        kept=None,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings, id_length, layout = logic.story_diffusion_settings(
@@ -153,9 +155,11 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             negative_prompt,
             freeu,
         )
-        story = logic.parse_form_story(characters, story_text, id_length)
+        story, replay, recipes = logic.story_with_kept(kept, characters, story_text, id_length, settings)
         model = logic.choose_model(model_name, model_path, args.cache_dir)
         pipe, loaded = load(progress, logic.story_diffusion_pipeline, model)
+        for recipe in recipes:
+            check_model(recipe, pipe.sdxl.models.fingerprint, pipe.sdxl.models.loras)
         out = logic.new_output_dir(args.output_dir, "story_diffusion")
         start = time.time()
         extra = {"mode": args.mode, "dtype": args.dtype}
@@ -168,7 +172,9 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             {"model": model},
             extra,
             progress=reporter(progress),
+            replay=replay,
         )
+        save_characters(result.record, out)  # character_<Name>.json, in the zip: load them into a later story
         panels, pages = result.panels, result.pages
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]
         status = f"{len(panels)} panels, {len(pages)} page(s) in {time.time() - start:.1f} s (model {loaded}): `{out}`"
@@ -255,11 +261,17 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                         logic.DEFAULT_NEGATIVE, lines=2, label="negative prompt", elem_id="sd-negative"
                     )
                     freeu = gr.Textbox(FREEU_TEXT, label="FreeU: 'off' or s1,s2,b1,b2", elem_id="sd-freeu")
+                    kept = gr.File(
+                        file_count="multiple",
+                        file_types=[".json"],
+                        label="kept characters (character_*.json from an earlier run's zip): replayed exactly",
+                        elem_id="sd-kept",
+                    )
                     sd_go = gr.Button("Generate", variant="primary", elem_id="sd-generate")
                 with gr.Column():
                     sd_gallery = gr.Gallery(label="panels", columns=3, format="png", elem_id="sd-gallery")
                     sd_pages = gr.Gallery(label="pages", columns=1, format="png", elem_id="sd-pages")
-                    sd_zip = gr.File(label="download (panels, pages, story.json)", elem_id="sd-zip")
+                    sd_zip = gr.File(label="download (panels, pages, story.json, characters)", elem_id="sd-zip")
                     sd_status = gr.Markdown(elem_id="sd-status")
             sd_go.click(
                 story_diffusion,
@@ -280,6 +292,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     font_size,
                     negative,
                     freeu,
+                    kept,
                 ],
                 [sd_gallery, sd_pages, sd_zip, sd_status],
                 api_name="story_diffusion",
