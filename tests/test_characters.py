@@ -43,6 +43,7 @@ def test_saved_character_is_a_small_recipe(first):
     assert [p["noise_seed"] for p in alice["id_panels"]] == [[3407, 2], [3407, 3]]
     assert alice["phase_seeds"] == [1] and alice["models"]["fingerprint"] == record["models"]["fingerprint"]
     assert (first / "character_Alice.json").stat().st_size < 4096
+    print("character file:", (first / "character_Alice.json").stat().st_size, "bytes")
 
 
 def test_loaded_characters_replay_their_panels_byte_for_byte(first, tmp_path):
@@ -78,6 +79,8 @@ def test_continued_comic_equals_the_whole_story_drawn_at_once(first, tmp_path):
     record = json.loads((out / "story.json").read_text())
     assert len(record["story"]["panels"]) == 7 and record["story"]["replay"] == {"parts": [5]}
     assert record["log"][-1]["continued"] == "5 -> 7 panels" and record["progress"]["done"]
+    assert story_cli.main(["--continue", str(out), "--no_progress"]) == 0  # nothing new (an interrupted one's finish)
+    assert pngs(out) == pngs(whole)
 
 
 def edited(first: Path, tmp_path: Path, **changes) -> Path:
