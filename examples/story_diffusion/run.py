@@ -30,14 +30,14 @@ from mindone_story.errors import main_guard
 from mindone_story.models.freeu import APP_FREEU
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.schedulers import SCHEDULERS
-from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionSettings
+from mindone_story.pipelines.story_diffusion import PRESETS, StoryDiffusionSettings
 from mindone_story.runs import files
 from mindone_story.runs.story_diffusion import METHOD, PageLayout, kept, run_story
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS
 from mindone_story.story.prompts import STYLE_NAMES, read_story_file, story_from_text
 
 TINY = {"height": 128, "width": 128, "steps": 4}  # the tiny model is a smoke test, not a picture
-DEFAULTS = {"height": 768, "width": 768, "steps": 50, "seed": 3407, "guidance_scale": 5.0}
+DEFAULTS = {"height": 768, "width": 768, "guidance_scale": 5.0}  # and the preset's steps, seed, negative, layout
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +62,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the character box ('[Name] description' lines) or one plain description",
     )
     p.add_argument("--story", default=None, help="a file with one panel per line (default: mindone's 8 actions)")
-    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE)
+    p.add_argument(
+        "--preset",
+        default="mindone",
+        choices=sorted(PRESETS),
+        help="defaults for steps, seed, negative prompt and typesetting: mindone's run.py (default) or the released "
+        "app's (35 steps, seed 0, its examples' negative prompt, Classic Comic Style); flags given override them",
+    )
+    p.add_argument("--negative_prompt", default=None, help="default: the preset's")
     add_common(p, "default 50 (4 for the tiny model)", "default 768 (128 for the tiny model)")
     p.add_argument("--id_length", type=int, default=None, help="default 4, or the loaded characters'")
     p.add_argument("--sa32", type=float, default=0.5, help="share of 1/32-resolution tokens each image sees")
@@ -73,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--freeu", default=",".join(map(str, APP_FREEU)), help="'off' or s1,s2,b1,b2 (default: the app's values)"
     )
-    p.add_argument("--typesetting", default="Four Pannel", choices=list(LAYOUTS))
+    p.add_argument("--typesetting", default=None, choices=list(LAYOUTS), help="default: the preset's")
     p.add_argument(
         "--font_size",
         type=int,
@@ -134,23 +141,23 @@ def run(args: argparse.Namespace) -> int:
         out = Path(args.continue_dir)
     else:
         tiny = args.sd_model_name == "tiny" and not args.model_path
-        defaults = {**DEFAULTS, **(TINY if tiny else {})}
+        defaults = {**DEFAULTS, **PRESETS[args.preset], **(TINY if tiny else {})}
         values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+        typesetting = values.pop("typesetting")
         settings = StoryDiffusionSettings(
             **values,
             sa32=args.sa32,
             sa64=args.sa64,
             style_name=args.style_name,
-            negative_prompt=args.negative_prompt,
             scheduler=args.scheduler,
             window=args.window,
             read_batch=args.read_batch,
             freeu=args.freeu,
             long_prompts=args.long_prompts,
         )
-        layout = PageLayout(args.typesetting, args.font_size)
+        layout = PageLayout(typesetting, args.font_size)
         story_text = read_story_file(args.story) if args.story else None
-        id_length = args.id_length or (len(recipes[0].id_panels) if recipes else 4)
+        id_length = args.id_length if args.id_length is not None else len(recipes[0].id_panels) if recipes else 4
         if recipes:
             for recipe in recipes:
                 kept_characters.check_settings(recipe, settings)

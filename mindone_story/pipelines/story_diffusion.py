@@ -33,6 +33,20 @@ DEFAULT_NEGATIVE = (
     "distorted hands, amputation"
 )
 
+# The negative prompt of every example of the released app (gradio_app_sdxl_specific_id_low_vram.py; its text box
+# starts empty), for the "app" preset.
+APP_NEGATIVE = (
+    "bad anatomy, bad hands, missing fingers, extra fingers, three hands, three legs, bad arms, missing legs, "
+    "missing arms, poorly drawn face, bad face, fused face, cloned face, three crus, fused feet, fused thigh, "
+    "extra crus, ugly fingers, horn, cartoon, cg, 3d, unreal, animate, amputation, disconnected limbs"
+)
+# Named defaults for the front ends: mindone's run.py (ours), and the released app's sliders and examples.
+# ``typesetting`` is the page layout's; the rest are StoryDiffusionSettings fields.
+PRESETS: dict[str, dict] = {
+    "mindone": {"steps": 50, "seed": 3407, "negative_prompt": DEFAULT_NEGATIVE, "typesetting": "Four Pannel"},
+    "app": {"steps": 35, "seed": 0, "negative_prompt": APP_NEGATIVE, "typesetting": "Classic Comic Style"},
+}
+
 
 @dataclass(frozen=True)
 class StoryDiffusionSettings:
