@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from conftest import FIXTURES, TINY_SDXL, rel_err
@@ -117,3 +121,25 @@ def test_story_adapter_long_prompts_with_reference_tokens():
     cut = pipe(StoryAdapterSettings(("a cat", "a cat " + LONG), **small))
     full = pipe(settings)
     assert not np.array_equal(np.asarray(cut[1][1]), np.asarray(full[1][1]))
+
+
+def test_txt2img_long_prompts_flag(tmp_path):
+    """The shared flag reaches plain SDXL: the record says so, and words past 77 tokens change the image (cut
+    without the flag, they do not)."""
+    import json
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "examples" / "story_diffusion" / "txt2img.py"
+    base = [sys.executable, str(script), "--height", "64", "--width", "64", "--steps", "1", "--mode", "pynative"]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    images = {}
+    for name, tail, flag in (("a", "red hat", []), ("b", "blue coat", []), ("c", "blue coat", ["--long_prompts"])):
+        out = tmp_path / name
+        argv = [*base, "--prompt", "a man with a black suit " * 8 + tail, *flag, "--output_dir", str(out)]
+        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert json.loads((out / "txt2img.json").read_text())["long_prompts"] is bool(flag)
+        images[name] = (out / "image_00.png").read_bytes()
+    # the tails are past 77 tokens: cut alike, or seen
+    assert images["a"] == images["b"] != images["c"]
