@@ -128,7 +128,43 @@ def continued(args: argparse.Namespace):
     layout = PageLayout(record.settings.get("typesetting", "Four Pannel"), record.settings.get("font_size"))
     loras = [(lora["path"], lora["scale"]) for lora in record.models.get("loras", [])]
     extra = {"mode": record.settings.get("mode", "graph"), "dtype": record.settings.get("dtype")}
-    return story, replay, settings_of(record), layout, record.models.get("model", "tiny"), loras, extra
+    model = record.models.get("model", "tiny")
+    return story, replay, settings_of(record), layout, model, loras, extra, Path(args.continue_dir)
+
+
+def fresh(args: argparse.Namespace, recipes: list):
+    """A new story (with --character files' characters first) and its settings, from the flags."""
+    from mindone_story.runs import characters as kept_characters
+
+    tiny = args.sd_model_name == "tiny" and not args.model_path
+    defaults = {**DEFAULTS, **PRESETS[args.preset], **(TINY if tiny else {})}
+    values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    typesetting = values.pop("typesetting")
+    settings = StoryDiffusionSettings(
+        **values,
+        sa32=args.sa32,
+        sa64=args.sa64,
+        style_name=args.style_name,
+        scheduler=args.scheduler,
+        window=args.window,
+        read_batch=args.read_batch,
+        freeu=args.freeu,
+        long_prompts=args.long_prompts,
+    )
+    layout = PageLayout(typesetting, args.font_size)
+    story_text = read_story_file(args.story) if args.story else None
+    id_length = args.id_length if args.id_length is not None else len(recipes[0].id_panels) if recipes else 4
+    if recipes:
+        for recipe in recipes:
+            kept_characters.check_settings(recipe, settings)
+        box = args.general_prompt if "[" in args.general_prompt else ""  # a plain description: the files' only
+        story, replay = kept_characters.story_with_characters(recipes, box, story_text or "", id_length)
+    else:
+        story, replay = story_from_text(args.general_prompt, story_text, id_length), None
+    loras = check_loras(args.lora)
+    out = Path(args.output_dir)
+    files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
+    return story, replay, settings, layout, None, loras, {"mode": args.mode, "dtype": args.dtype}, out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,38 +173,9 @@ def run(args: argparse.Namespace) -> int:
 
     recipes = [kept_characters.read_character(path) for path in args.character]
     if args.continue_dir:
-        story, replay, settings, layout, model, loras, extra = continued(args)
-        out = Path(args.continue_dir)
+        story, replay, settings, layout, model, loras, extra, out = continued(args)
     else:
-        tiny = args.sd_model_name == "tiny" and not args.model_path
-        defaults = {**DEFAULTS, **PRESETS[args.preset], **(TINY if tiny else {})}
-        values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
-        typesetting = values.pop("typesetting")
-        settings = StoryDiffusionSettings(
-            **values,
-            sa32=args.sa32,
-            sa64=args.sa64,
-            style_name=args.style_name,
-            scheduler=args.scheduler,
-            window=args.window,
-            read_batch=args.read_batch,
-            freeu=args.freeu,
-            long_prompts=args.long_prompts,
-        )
-        layout = PageLayout(typesetting, args.font_size)
-        story_text = read_story_file(args.story) if args.story else None
-        id_length = args.id_length if args.id_length is not None else len(recipes[0].id_panels) if recipes else 4
-        if recipes:
-            for recipe in recipes:
-                kept_characters.check_settings(recipe, settings)
-            box = args.general_prompt if "[" in args.general_prompt else ""  # a plain description: the files'
-            story, replay = kept_characters.story_with_characters(recipes, box, story_text or "", id_length)
-        else:
-            story, replay = story_from_text(args.general_prompt, story_text, id_length), None
-        loras = check_loras(args.lora)
-        out = Path(args.output_dir)
-        files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
-        model, extra = None, {"mode": args.mode, "dtype": args.dtype}
+        story, replay, settings, layout, model, loras, extra, out = fresh(args, recipes)
     dtype = setup(args.device, extra["dtype"], args.attention)
 
     import mindspore as ms

@@ -179,8 +179,14 @@ def check_settings(recipe: CharacterRecipe, settings: StoryDiffusionSettings) ->
         raise CharacterError(f"{recipe.source}: [{recipe.name}] was made with other settings: " + "; ".join(diffs[:4]))
 
 
+def _lora_weights(loras: list) -> list:
+    return [(lora.get("fingerprint"), lora.get("scale")) for lora in loras if isinstance(lora, dict)]
+
+
 def check_model(recipe: CharacterRecipe, fingerprint: str, loras: list) -> None:
-    if recipe.models.get("fingerprint") != fingerprint or recipe.models.get("loras", []) != loras:
+    """The same base weights and the same LoRAs at the same scales (their paths may differ)."""
+    same_loras = _lora_weights(recipe.models.get("loras") or []) == _lora_weights(loras)
+    if recipe.models.get("fingerprint") != fingerprint or not same_loras:
         raise CharacterError(
             f"{recipe.source}: [{recipe.name}] was made with other model weights (fingerprint "
             f"{str(recipe.models.get('fingerprint'))[:12]}..., this model {fingerprint[:12]}...)"
