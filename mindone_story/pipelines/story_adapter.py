@@ -108,18 +108,21 @@ class StoryAdapterPipeline:
         self.references = ReferenceEncoder(ip.image_encoder, ip.ip_adapter, mode)
         self.mode = mode
         self.fingerprints = {"base_model": models.fingerprint, "ip_adapter_and_image_encoder": ip.fingerprint}
-        self._embeds: dict[tuple[str, int | None], PromptEmbeds] = {}
+        self._embeds: dict[str, PromptEmbeds] = {}
+        self._chunks: int | None = None  # the text chunk count the cached embeddings were made with
 
     def embeds(self, prompt: str, settings: StoryAdapterSettings) -> PromptEmbeds:
         """The (negative, prompt) conditioning, encoded once per run: every round reuses it, the text being the
         same. The cache holds only the prompts of ``settings``, so a long-lived pipeline (the demo) stays small.
         With ``long_prompts`` every prompt gets the chunk count of the run's longest (one UNet shape per run)."""
         chunks = self.sdxl.text_chunks(settings.model_prompts + [NEGATIVE_PROMPT]) if settings.long_prompts else None
-        if (prompt, chunks) not in self._embeds:
-            keep = {(p, chunks) for p in settings.model_prompts}
-            self._embeds = {k: e for k, e in self._embeds.items() if k in keep}
-            self._embeds[prompt, chunks] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT], chunks)
-        return self._embeds[prompt, chunks]
+        if chunks != self._chunks:  # another text shape: nothing cached fits
+            self._embeds, self._chunks = {}, chunks
+        if prompt not in self._embeds:
+            keep = set(settings.model_prompts)
+            self._embeds = {p: e for p, e in self._embeds.items() if p in keep}
+            self._embeds[prompt] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT], chunks)
+        return self._embeds[prompt]
 
     def noise(self, settings: StoryAdapterSettings) -> np.ndarray:
         """The one initial noise of a run: every panel of every round starts from it."""
