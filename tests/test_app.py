@@ -102,9 +102,10 @@ def test_story_diffusion_run(sd_run, tmp_path):
     assert "5 panels, 2 page(s)" in status and "model loaded in" in status
     folder = unzip(archive, tmp_path)
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["metrics.json", "metrics.png", "page_00.png", "page_01.png"] + [
-        f"panel_{i:03d}.png" for i in range(5)
-    ] + ["story.json"]
+    assert names == ["character_Alice.json", "character_Bob.json", "metrics.json", "metrics.png"] + [
+        "page_00.png",
+        "page_01.png",
+    ] + [f"panel_{i:03d}.png" for i in range(5)] + ["story.json"]
     # the CLIP scores of the tiny pair, as a table under the status line and in metrics.json
     metrics = json.loads((folder / "metrics.json").read_text())
     assert f"| mean | {metrics['clip_t_mean']['plain']:.2f} |" in status and "CLIP-I: all pairs" in status
@@ -176,6 +177,26 @@ def test_story_adapter_run(client, tmp_path):
     assert np.array_equal(pixels(last[1]["image"]), pixels(folder / "round_02" / "panel_001.png"))
     # later rounds see the earlier ones: the panels change from round 0 to round 1
     assert not np.array_equal(pixels(every[0]["image"]), pixels(every[2]["image"]))
+
+
+def test_kept_character_from_the_zip_replays_its_panels(client, sd_run, tmp_path):
+    """Bob's file from the first run's zip, loaded into a new story: his id panels (0 and 2 there) open it, equal."""
+    from gradio_client import handle_file
+
+    folder = unzip(sd_run[2], tmp_path)
+    form = {
+        **FORM,
+        "characters": "",
+        "story_text": "[Bob] at home\n",
+        "kept": [handle_file(folder / "character_Bob.json")],
+    }
+    gallery, _, _, _ = client.predict(**form, api_name="/story_diffusion")
+    assert len(gallery) == 3
+    for k, j in ((0, 0), (1, 2)):
+        assert np.array_equal(pixels(gallery[k]["image"]), pixels(folder / f"panel_{j:03d}.png")), (k, j)
+    other = {**form, "steps": 3}
+    with pytest.raises(AppError, match="was made with other settings: steps 2"):
+        client.predict(**other, api_name="/story_diffusion")
 
 
 @pytest.mark.parametrize(

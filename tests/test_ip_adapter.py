@@ -167,7 +167,7 @@ def test_prompts_are_encoded_once_per_run(pipe, monkeypatch):
     """Every round reuses a panel's text conditioning; the cache keeps only the current story's prompts."""
     settings = StoryAdapterSettings(("a cat on a roof", "a dog in a park"), steps=1, height=64, width=64)
     real, calls = pipe.sdxl.encode_prompts, []
-    monkeypatch.setattr(pipe.sdxl, "encode_prompts", lambda p, n: calls.append(p) or real(p, n))
+    monkeypatch.setattr(pipe.sdxl, "encode_prompts", lambda p, n, chunks: calls.append(p) or real(p, n, chunks))
     first = [pipe.embeds(p, settings) for p in settings.model_prompts]
     for _ in range(2):  # two more rounds
         assert [pipe.embeds(p, settings) for p in settings.model_prompts] == first

@@ -160,12 +160,14 @@ def test_windowed_writes_give_every_tile_the_same_shapes():
     story = parse_story("[Bob] a man", "\n".join(f"[Bob] scene {i}" for i in range(7)), 6)
     calls = []
 
-    def run(story, settings, indices, write_as, reads, phase_seed, progress, **phase_args):
+    def run(story, settings, indices, write_as, reads, phase_seed, progress, replay, **phase_args):
         calls.append((list(indices), write_as, reads, phase_args))
         return [None] * len(indices)
 
+    from mindone_story.pipelines.story_diffusion import Replay
+
     fake = SimpleNamespace(_run=run, read_batches=lambda *a: StoryDiffusionPipeline.read_batches(None, *a))
-    StoryDiffusionPipeline._story(fake, story, StoryDiffusionSettings(window=2), None, None, set(), None)
+    StoryDiffusionPipeline._story(fake, story, StoryDiffusionSettings(window=2), None, None, set(), None, Replay())
     writes = [c for c in calls if c[1] == "Bob"]
     assert [c[0] for c in writes] == [[0, 1], [2, 3], [4, 5]]
     assert [c[3] for c in writes] == [{"photos": None, "recent": 2, "bank_images": 2}] * 3

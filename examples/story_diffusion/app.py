@@ -25,8 +25,9 @@ import gradio as gr  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # app_logic.py and frontend.py, also when imported
 import app_logic as logic  # noqa: E402
 
-from mindone_story.errors import describe  # noqa: E402
+from mindone_story.errors import StoryError, describe  # noqa: E402
 from mindone_story.models.freeu import APP_FREEU  # noqa: E402
+from mindone_story.runs.characters import check_model, save_characters  # noqa: E402
 from mindone_story.runs.story_diffusion import run_story  # noqa: E402
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS  # noqa: E402
 from mindone_story.story.prompts import ADAPTER_STYLES, DEFAULT_STYLE_NAME, STYLE_NAMES  # noqa: E402
@@ -139,6 +140,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         ref_mode=logic.REF_MODES[0],
         ref_files=None,
         style_strength=20,
+        kept=None,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings, id_length, layout = logic.story_diffusion_settings(
@@ -156,11 +158,13 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             negative_prompt,
             freeu,
         )
-        story = logic.parse_form_story(characters, story_text, id_length)
+        story, replay, recipes = logic.story_with_kept(kept, characters, story_text, id_length, settings)
         photos = logic.ref_photos(ref_mode, ref_files, story, style_strength)
         if photos is not None:
             from mindone_story.pipelines.photomaker import check_photos
 
+            if recipes:
+                raise StoryError("kept characters and reference photos cannot be combined yet: use one or the other")
             check_photos(story, settings.style_name, photos)
         model = logic.choose_model(model_name, model_path, args.cache_dir)
         models = {"model": model}
@@ -169,6 +173,8 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         else:
             models["photomaker"] = logic.photomaker_file(model, args.cache_dir)
             pipe, loaded = load(progress, logic.photomaker_pipeline, model, models["photomaker"])
+        for recipe in recipes:
+            check_model(recipe, pipe.sdxl.models.fingerprint, pipe.sdxl.models.loras)
         out = logic.new_output_dir(args.output_dir, "story_diffusion")
         start = time.time()
         extra = {"mode": args.mode, "dtype": args.dtype}
@@ -182,7 +188,9 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             extra,
             progress=reporter(progress),
             photos=photos,
+            replay=replay,
         )
+        save_characters(result.record, out)  # character_<Name>.json, in the zip: load them into a later story
         panels, pages = result.panels, result.pages
         captions = [f"{i}: {p.caption}" if p.caption else str(i) for i, p in enumerate(story.panels)]
         status = f"{len(panels)} panels, {len(pages)} page(s) in {time.time() - start:.1f} s (model {loaded}): `{out}`"
@@ -281,11 +289,17 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                         )
                         style_strength = gr.Slider(15, 50, 20, step=1, label="Style strength of Ref Image (%)")
                     ref_mode.change(lambda m: gr.update(visible=m == logic.REF_MODES[1]), ref_mode, ref_group)
+                    kept = gr.File(
+                        file_count="multiple",
+                        file_types=[".json"],
+                        label="kept characters (character_*.json from an earlier run's zip): replayed exactly",
+                        elem_id="sd-kept",
+                    )
                     sd_go = gr.Button("Generate", variant="primary", elem_id="sd-generate")
                 with gr.Column():
                     sd_gallery = gr.Gallery(label="panels", columns=3, format="png", elem_id="sd-gallery")
                     sd_pages = gr.Gallery(label="pages", columns=1, format="png", elem_id="sd-pages")
-                    sd_zip = gr.File(label="download (panels, pages, story.json)", elem_id="sd-zip")
+                    sd_zip = gr.File(label="download (panels, pages, story.json, characters)", elem_id="sd-zip")
                     sd_status = gr.Markdown(elem_id="sd-status")
             sd_go.click(
                 story_diffusion,
@@ -309,6 +323,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     ref_mode,
                     ref_files,
                     style_strength,
+                    kept,
                 ],
                 [sd_gallery, sd_pages, sd_zip, sd_status],
                 api_name="story_diffusion",

@@ -84,6 +84,22 @@ def parse_form_story(characters: str, story_text: str, id_length: int) -> Story:
     return story_from_text(characters, story_text, id_length)
 
 
+def story_with_kept(files: list | None, characters: str, story_text: str, id_length: int, settings):
+    """(story, replay, recipes): with kept character files (``character_*.json``, saved beside every demo run),
+    their id panels open the story and replay exactly; the character box may add more characters."""
+    from mindone_story.runs import characters as kept
+
+    paths = [getattr(f, "name", f) for f in files or []]  # Gradio gives paths (or tempfile wrappers)
+    if not paths:
+        return parse_form_story(characters, story_text, id_length), None, []
+    recipes = [kept.read_character(path) for path in paths]
+    for recipe in recipes:
+        kept.check_settings(recipe, settings)
+    box = characters if "[" in (characters or "") else ""  # a plain description: the files' characters only
+    story, replay = kept.story_with_characters(recipes, box, story_text or "", id_length)
+    return story, replay, recipes
+
+
 # -- models ----------------------------------------------------------------------------------------------------------
 class ModelCache:
     """Loaded pipelines by key (method, model files, mode), least recently used first out. Each pipeline owns its

@@ -41,6 +41,11 @@ def add_common(p: argparse.ArgumentParser, steps_help: str, size_help: str) -> N
     p.add_argument(
         "--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp32 on CPU, fp16 on Ascend"
     )
+    p.add_argument(
+        "--long_prompts",
+        action="store_true",
+        help="encode prompts past CLIP's 77 tokens in 77-token chunks, as compel does, instead of cutting them",
+    )
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
 
 

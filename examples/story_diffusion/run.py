@@ -10,6 +10,12 @@
 A story file has one panel per line: ``[Bob] at home, read new paper #at home, the newspaper says...``; ``[NC]``
 marks a panel without characters; text after ``#`` is the caption. With a plain --general_prompt (no ``[Name]``),
 it describes the one character of every panel, as in the original notebook.
+
+Characters kept across runs, and comics continued (settings, characters and model from the record):
+
+    python examples/story_diffusion/run.py ... --output_dir out --save_characters      # out/character_Bob.json
+    python examples/story_diffusion/run.py --character out/character_Bob.json --story later.txt --output_dir out2
+    python examples/story_diffusion/run.py --continue out --story more.txt              # more panels and pages
 """
 
 from __future__ import annotations
@@ -26,14 +32,14 @@ from mindone_story.models.freeu import APP_FREEU
 from mindone_story.models_registry import MODELS, resolve_model
 from mindone_story.pipelines.photomaker import PHOTOMAKER_V1, RefPhotos, check_photos
 from mindone_story.pipelines.schedulers import SCHEDULERS
-from mindone_story.pipelines.story_diffusion import DEFAULT_NEGATIVE, StoryDiffusionSettings
+from mindone_story.pipelines.story_diffusion import PRESETS, StoryDiffusionSettings
 from mindone_story.runs import files
 from mindone_story.runs.story_diffusion import METHOD, PageLayout, kept, run_story
 from mindone_story.story.comic import DEFAULT_FONT_SIZE, LAYOUTS
 from mindone_story.story.prompts import STYLE_NAMES, read_story_file, story_from_text
 
 TINY = {"height": 128, "width": 128, "steps": 4}  # the tiny model is a smoke test, not a picture
-DEFAULTS = {"height": 768, "width": 768, "steps": 50, "seed": 3407, "guidance_scale": 5.0}
+DEFAULTS = {"height": 768, "width": 768, "guidance_scale": 5.0}  # and the preset's steps, seed, negative, layout
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,9 +64,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="the character box ('[Name] description' lines) or one plain description",
     )
     p.add_argument("--story", default=None, help="a file with one panel per line (default: mindone's 8 actions)")
-    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE)
+    p.add_argument(
+        "--preset",
+        default="mindone",
+        choices=sorted(PRESETS),
+        help="defaults for steps, seed, negative prompt and typesetting: mindone's run.py (default) or the released "
+        "app's (35 steps, seed 0, its examples' negative prompt, Classic Comic Style); flags given override them",
+    )
+    p.add_argument("--negative_prompt", default=None, help="default: the preset's")
     add_common(p, "default 50 (4 for the tiny model)", "default 768 (128 for the tiny model)")
-    p.add_argument("--id_length", type=int, default=4)
+    p.add_argument("--id_length", type=int, default=None, help="default 4, or the loaded characters'")
     p.add_argument("--sa32", type=float, default=0.5, help="share of 1/32-resolution tokens each image sees")
     p.add_argument("--sa64", type=float, default=0.5, help="share of 1/16-resolution tokens each image sees")
     p.add_argument("--window", type=int, default=None, help="id panels per write batch (bounds memory)")
@@ -75,12 +88,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--freeu", default=",".join(map(str, APP_FREEU)), help="'off' or s1,s2,b1,b2 (default: the app's values)"
     )
-    p.add_argument("--typesetting", default="Four Pannel", choices=list(LAYOUTS))
+    p.add_argument("--typesetting", default=None, choices=list(LAYOUTS), help="default: the preset's")
     p.add_argument(
         "--font_size",
         type=int,
         default=None,
         help=f"caption font size (default {DEFAULT_FONT_SIZE} at 768 px wide, scaled with the width)",
+    )
+    p.add_argument(
+        "--character",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a character saved by --save_characters: its id panels open the story, replayed exactly; repeatable",
+    )
+    p.add_argument(
+        "--save_characters", action="store_true", help="write output_dir/character_NAME.json for every character"
+    )
+    p.add_argument(
+        "--continue",
+        dest="continue_dir",
+        default=None,
+        metavar="OUTPUT_DIR",
+        help="add --story's panels to the comic in OUTPUT_DIR (its settings, characters and model); no --story "
+        "finishes an interrupted continuation",
     )
     add_lora(p)
     p.add_argument(
@@ -107,24 +138,60 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(args: argparse.Namespace, world) -> int:
-    # everything is checked before a model is downloaded or loaded, or a file is written
+CONTINUE_FLAGS = {"continue_dir", "story", "save_characters", "no_progress", "cache_dir", "local_files_only"}
+CONTINUE_FLAGS |= {"parallel", "id_bank"}  # where the work and the bank go, not what is drawn
+
+
+def continued(args: argparse.Namespace):
+    """--continue: the recorded story with --story's lines after it, and everything else from the record."""
+    from mindone_story.errors import StoryError
+    from mindone_story.runs.characters import continued_story, settings_of
+    from mindone_story.runs.record import RunRecord
+
+    defaults = vars(parse_args([]))
+    given = [k for k, v in vars(args).items() if k not in CONTINUE_FLAGS and v != defaults[k]]
+    if given:
+        raise StoryError(f"--continue takes its settings from the record; drop --{given[0]}")
+    record = RunRecord.read(args.continue_dir, METHOD)
+    if "ref_images" in record.settings:
+        raise StoryError(f"{args.continue_dir}: a story with reference photos cannot be continued yet")
+    story, replay = continued_story(record, read_story_file(args.story) if args.story else "")
+    layout = PageLayout(record.settings.get("typesetting", "Four Pannel"), record.settings.get("font_size"))
+    loras = [(lora["path"], lora["scale"]) for lora in record.models.get("loras", [])]
+    extra = {"mode": record.settings.get("mode", "graph"), "dtype": record.settings.get("dtype")}
+    model = record.models.get("model", "tiny")
+    return story, replay, settings_of(record), layout, model, loras, extra, Path(args.continue_dir), None
+
+
+def fresh(args: argparse.Namespace, recipes: list, world):
+    """A new story (with --character files' characters first) and its settings, from the flags."""
+    from mindone_story.runs import characters as kept_characters
+
     tiny = args.sd_model_name == "tiny" and not args.model_path
-    defaults = {**DEFAULTS, **(TINY if tiny else {})}
+    defaults = {**DEFAULTS, **PRESETS[args.preset], **(TINY if tiny else {})}
     values = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in defaults}
+    typesetting = values.pop("typesetting")
     settings = StoryDiffusionSettings(
         **values,
         sa32=args.sa32,
         sa64=args.sa64,
         style_name=args.style_name,
-        negative_prompt=args.negative_prompt,
         scheduler=args.scheduler,
         window=args.window,
         read_batch=args.read_batch,
         freeu=args.freeu,
+        long_prompts=args.long_prompts,
     )
-    layout = PageLayout(args.typesetting, args.font_size)
-    story = story_from_text(args.general_prompt, read_story_file(args.story) if args.story else None, args.id_length)
+    layout = PageLayout(typesetting, args.font_size)
+    story_text = read_story_file(args.story) if args.story else None
+    id_length = args.id_length if args.id_length is not None else len(recipes[0].id_panels) if recipes else 4
+    if recipes:
+        for recipe in recipes:
+            kept_characters.check_settings(recipe, settings)
+        box = args.general_prompt if "[" in args.general_prompt else ""  # a plain description: the files' only
+        story, replay = kept_characters.story_with_characters(recipes, box, story_text or "", id_length)
+    else:
+        story, replay = story_from_text(args.general_prompt, story_text, id_length), None
     loras = check_loras(args.lora)
     photos = ref_photos(args.ref_image, story, args.style_strength_ratio)
     if photos is not None:
@@ -132,15 +199,28 @@ def run(args: argparse.Namespace, world) -> int:
     out = Path(args.output_dir)
     if world.root:  # the other ranks never touch the folder
         files.prepare(out, METHOD, resume=args.resume, overwrite=args.overwrite, dry_run=True)
-    dtype = setup(args.device, args.dtype, args.attention)
+    return story, replay, settings, layout, None, loras, {"mode": args.mode, "dtype": args.dtype}, out, photos
+
+
+def run(args: argparse.Namespace, world) -> int:
+    # everything is checked before a model is downloaded or loaded, or a file is written
+    from mindone_story.runs import characters as kept_characters
+
+    recipes = [kept_characters.read_character(path) for path in args.character]
+    if args.continue_dir:
+        story, replay, settings, layout, model, loras, extra, out, photos = continued(args)
+    else:
+        story, replay, settings, layout, model, loras, extra, out, photos = fresh(args, recipes, world)
+    dtype = setup(args.device, extra["dtype"], args.attention)
 
     import mindspore as ms
     from tqdm.auto import tqdm
 
-    fp16 = dtype == ms.float16  # fetch the fp16 weights for an fp16 run
-    model = resolve_model(
-        args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
-    )
+    if model is None:
+        fp16 = dtype == ms.float16  # fetch the fp16 weights for an fp16 run
+        model = resolve_model(
+            args.sd_model_name, args.model_path, args.cache_dir, args.revision, args.local_files_only, fp16, print
+        )
 
     from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
     from mindone_story.pretrained import load_sdxl, tiny_model_dir
@@ -160,7 +240,9 @@ def run(args: argparse.Namespace, world) -> int:
         loras = [*loras, (str(photomaker), 1.0)]
         recorded["photomaker"] = str(args.photomaker or photomaker)
     models = load_sdxl(tiny_model_dir() if model == "tiny" else model, dtype, loras)
-    pipe = StoryDiffusionPipeline(models, mode=args.mode, photomaker=encoder)
+    for recipe in recipes:
+        kept_characters.check_model(recipe, models.fingerprint, models.loras)
+    pipe = StoryDiffusionPipeline(models, mode=extra["mode"], photomaker=encoder)
     cut = pipe.truncation(story, settings)  # never cut silently: say what CLIP's 77 tokens leave out
     for i, parts in sorted(cut.items()):
         if "prompt" in parts:
@@ -187,7 +269,7 @@ def run(args: argparse.Namespace, world) -> int:
         out,
         layout,
         models=recorded,
-        extra={"mode": args.mode, "dtype": args.dtype},
+        extra=extra,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=on_panel,
@@ -195,11 +277,17 @@ def run(args: argparse.Namespace, world) -> int:
         bank=args.id_bank,
         world=world,
         photos=photos,
+        replay=replay,
+        extend=bool(args.continue_dir),
     )
     steps.close()
     panels.close()
-    if world.root:
-        print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
+    if not world.root:
+        return 0
+    if args.save_characters:
+        saved = kept_characters.save_characters(result.record, out)
+        print(f"saved {len(saved)} character(s): {', '.join(p.name for p in saved)}")
+    print(f"wrote {len(result.panels)} panels and {len(result.pages)} page(s) to {out}")
     return 0
 
 
@@ -223,7 +311,7 @@ def ref_photos(specs: list[str], story, ratio: float) -> RefPhotos | None:
 def main(argv=None) -> int:
     world = start_parallel(argv)  # under msrun: join the job before anything can fail
     args = parse_args(argv)
-    return main_guard(lambda: run(args, world), lambda: kept(args.output_dir), world.label)
+    return main_guard(lambda: run(args, world), lambda: kept(args.continue_dir or args.output_dir), world.label)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def resolve(args: argparse.Namespace):
     given = {k: getattr(args, k) for k in SETTINGS}
     paths = {k: getattr(args, k) for k in PATHS}
     prompts = None if args.story is None else read_story(args.story)
-    freeu = freeu_factors(args.freeu)
+    freeu, long_prompts = freeu_factors(args.freeu), args.long_prompts
     if args.resume:
         record = files.prepare(Path(args.output_dir), METHOD, resume=True, dry_run=True)
         recorded = settings_of(record).to_dict()
@@ -102,10 +102,12 @@ def resolve(args: argparse.Namespace):
             clash.append("--story (other prompts than the recorded ones)")
         if args.freeu is not None and (list(freeu) if freeu else None) != recorded["freeu"]:
             clash.append(f"--freeu {args.freeu!r} (recorded {recorded['freeu']!r})")
+        if long_prompts and not recorded["long_prompts"]:
+            clash.append("--long_prompts (recorded without)")
         if clash:
             raise StoryError("cannot resume with other settings: " + "; ".join(clash))
         given = {k: recorded[k] for k in given}
-        prompts, freeu = recorded["prompts"], recorded["freeu"]
+        prompts, freeu, long_prompts = recorded["prompts"], recorded["freeu"], recorded["long_prompts"]
         paths = {k: record.models.get(k) if v is None else v for k, v in paths.items()}
     else:
         files.prepare(Path(args.output_dir), METHOD, overwrite=args.overwrite, dry_run=True)
@@ -117,7 +119,7 @@ def resolve(args: argparse.Namespace):
     if given["seed"] is None:
         given["seed"] = secrets.randbelow(100001)  # the original's random.randint(0, 100000); recorded
     settings = StoryAdapterSettings(
-        prompts=tuple(read_story(None) if prompts is None else prompts), freeu=freeu, **given
+        prompts=tuple(read_story(None) if prompts is None else prompts), freeu=freeu, long_prompts=long_prompts, **given
     )
     if tiny:
         root = tiny_model_dir()

@@ -57,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     pipe = SDXLPipeline(models, mode=args.mode)
     start = time.time()
     negatives = [args.negative_prompt] * len(prompts) if args.negative_prompt is not None else None
-    images = pipe(prompts, negatives, height, width, steps, guidance, seed, args.scheduler)
+    images = pipe(
+        prompts, negatives, height, width, steps, guidance, seed, args.scheduler, long_prompts=args.long_prompts
+    )
     for i, image in enumerate(images):
         files.save_png(image, out / f"image_{i:02d}.png")
     record = {
@@ -68,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         "steps": steps,
         "guidance_scale": guidance,
         "scheduler": args.scheduler,
+        "long_prompts": args.long_prompts,
         "seed": seed,
         "model": str(args.model),
         "model_fingerprint": models.fingerprint,

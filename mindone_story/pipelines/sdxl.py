@@ -20,6 +20,7 @@ from .. import checks
 from ..models.freeu import freeu_tensor
 from ..modes import compiled
 from ..pretrained import SDXLModels
+from . import long_prompts
 from .schedulers import make_scheduler
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all)
@@ -38,7 +39,7 @@ class StoryControl(Protocol):
 class PromptEmbeds:
     """Text conditioning for a batch, the unconditional half first (diffusers' CFG order)."""
 
-    context: Tensor  # [2B, 77, C]: negative prompts, then prompts
+    context: Tensor  # [2B, 77 * chunks, C]: negative prompts, then prompts
     pooled: Tensor  # [2B, P]
 
 
@@ -77,25 +78,40 @@ class SDXLPipeline:
             dropped.append(tokenizer.decode(ids[start:-1]))
         return dropped
 
-    def _encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """hidden_states[-2] of both encoders concatenated, and the bigG encoder's projected pooled output."""
+    def text_chunks(self, prompts: Sequence[str]) -> int:
+        """The 77-token chunks the longest of ``prompts`` needs in long-prompt mode (``long_prompts``)."""
+        return long_prompts.chunk_count(self.models.tokenizer, prompts)
+
+    def _encode(self, prompts: Sequence[str], chunks: int | None = None) -> tuple[Tensor, Tensor]:
+        """hidden_states[-2] of both encoders concatenated, and the bigG encoder's projected pooled output. With
+        ``chunks``, each prompt is encoded in that many 77-token chunks, compel's way (``long_prompts``); the pooled
+        output stays the one of the 77-token truncation."""
         hidden = []
         pooled = None
         for tokenizer, encode in zip((self.models.tokenizer, self.models.tokenizer_2), self._text):
-            _, penultimate, pooled = encode(self._token_ids(tokenizer, prompts))
+            if chunks is None:
+                _, penultimate, pooled = encode(self._token_ids(tokenizer, prompts))
+            else:
+                _, penultimate, _ = encode(Tensor(long_prompts.chunked_ids(tokenizer, prompts, chunks)))
+                penultimate = penultimate.reshape(len(prompts), -1, penultimate.shape[-1])  # chunks side by side
             hidden.append(penultimate)
+        if chunks is not None:
+            pooled = self._text[1](self._token_ids(self.models.tokenizer_2, prompts))[2]
         return ms.ops.concat(hidden, -1).astype(self.dtype), pooled.astype(self.dtype)
 
-    def encode_prompts(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None) -> PromptEmbeds:
-        """Without negative prompts the unconditional half is zeros, as SDXL's force_zeros_for_empty_prompt does."""
+    def encode_prompts(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None, chunks: int | None = None
+    ) -> PromptEmbeds:
+        """Without negative prompts the unconditional half is zeros, as SDXL's force_zeros_for_empty_prompt does.
+        ``chunks``: None (CLIP's 77 tokens, the rest cut) or the number of 77-token chunks of every prompt."""
         if negative_prompts is None:
-            context, pooled = self._encode(list(prompts))
+            context, pooled = self._encode(list(prompts), chunks)
             return PromptEmbeds(
                 ms.ops.concat((ms.ops.zeros_like(context), context)), ms.ops.concat((ms.ops.zeros_like(pooled), pooled))
             )
         if len(prompts) != len(negative_prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
-        context, pooled = self._encode(list(negative_prompts) + list(prompts))
+        context, pooled = self._encode(list(negative_prompts) + list(prompts), chunks)
         return PromptEmbeds(context, pooled)
 
     # -- latents ------------------------------------------------------------------------------------------------
@@ -175,9 +191,11 @@ class SDXLPipeline:
         seed: int = 0,
         scheduler: str = "ddim",
         noise: np.ndarray | None = None,
+        long_prompts: bool = False,
     ) -> list[Image.Image]:
         prompts = list(prompts)
-        embeds = self.encode_prompts(prompts, negative_prompts)
+        chunks = self.text_chunks(prompts + list(negative_prompts or [])) if long_prompts else None
+        embeds = self.encode_prompts(prompts, negative_prompts, chunks)
         if noise is None:
             noise = self.initial_noise(seed, len(prompts), height, width)
         latents = self.denoise(noise, embeds, steps, guidance_scale, scheduler, seed=seed)

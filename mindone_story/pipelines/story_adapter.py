@@ -58,6 +58,7 @@ class StoryAdapterSettings:
     width: int = 1024
     guidance_scale: float = 5.0
     freeu: tuple[float, float, float, float] | None = None  # (s1, s2, b1, b2); the original has no FreeU
+    long_prompts: bool = False  # prompts past 77 tokens in 77-token chunks (compel's way) instead of cut
 
     def __post_init__(self):
         if isinstance(self.prompts, str) or not all(isinstance(p, str) for p in self.prompts):
@@ -69,6 +70,8 @@ class StoryAdapterSettings:
         blank = [i for i, p in enumerate(self.prompts) if not p.strip()]
         if blank:
             raise StoryError(f"panel prompts {blank[:10]} are empty")
+        if not isinstance(self.long_prompts, bool):
+            raise StoryError(f"long_prompts must be true or false, got {self.long_prompts!r}")
         height, width = checks.image_size(self.height, self.width)
         values = {
             "style": checks.one_of("style", self.style, sorted(ADAPTER_STYLES)),
@@ -106,14 +109,19 @@ class StoryAdapterPipeline:
         self.mode = mode
         self.fingerprints = {"base_model": models.fingerprint, "ip_adapter_and_image_encoder": ip.fingerprint}
         self._embeds: dict[str, PromptEmbeds] = {}
+        self._chunks: int | None = None  # the text chunk count the cached embeddings were made with
 
     def embeds(self, prompt: str, settings: StoryAdapterSettings) -> PromptEmbeds:
         """The (negative, prompt) conditioning, encoded once per run: every round reuses it, the text being the
-        same. The cache holds only the prompts of ``settings``, so a long-lived pipeline (the demo) stays small."""
+        same. The cache holds only the prompts of ``settings``, so a long-lived pipeline (the demo) stays small.
+        With ``long_prompts`` every prompt gets the chunk count of the run's longest (one UNet shape per run)."""
+        chunks = self.sdxl.text_chunks(settings.model_prompts + [NEGATIVE_PROMPT]) if settings.long_prompts else None
+        if chunks != self._chunks:  # another text shape: nothing cached fits
+            self._embeds, self._chunks = {}, chunks
         if prompt not in self._embeds:
             keep = set(settings.model_prompts)
             self._embeds = {p: e for p, e in self._embeds.items() if p in keep}
-            self._embeds[prompt] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT])
+            self._embeds[prompt] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT], chunks)
         return self._embeds[prompt]
 
     def noise(self, settings: StoryAdapterSettings) -> np.ndarray:

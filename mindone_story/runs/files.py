@@ -21,8 +21,10 @@ from PIL import Image
 from ..errors import OutputFolderError
 
 RECORD = "story.json"
-# names a run writes: story.json, panel_000.png, page_00.png, round_00/, metrics (.json, .png) and temporary files
-_OUTPUT_NAME = re.compile(r"(story\.json|metrics\.(json|png)|panel_\d+\.png|page_\d+\.png|round_\d+|\..*\.tmp)")
+# names a run writes: story.json, panel_000.png, page_00.png, round_00/, metrics (.json, .png), character_*.json, temp files
+_OUTPUT_NAME = re.compile(
+    r"(story\.json|metrics\.(json|png)|character_.+\.json|panel_\d+\.png|page_\d+\.png|round_\d+|\..*\.tmp)"
+)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -31,11 +31,15 @@ def panel_path(round_index: int, panel: int) -> str:
     return f"round_{round_index:02d}/panel_{panel:03d}.png"
 
 
+LATER_FIELDS = {"long_prompts"}  # settings added after the first record format; absent means the default
+
+
 def settings_of(record: RunRecord) -> StoryAdapterSettings:
     """The recorded settings, checked as new ones are (a hand-edited value is a RecordError naming it)."""
     import dataclasses
 
     names = [f.name for f in dataclasses.fields(StoryAdapterSettings)]
+    names = [n for n in names if n in record.settings or n not in LATER_FIELDS]  # older records: the default
     missing = [n for n in names if n not in record.settings]
     if missing:
         raise RecordError(f"{record.where}: field 'settings.{missing[0]}' is missing; the record is incomplete")

@@ -23,8 +23,10 @@ from .. import checks
 from ..errors import RecordError
 from ..parallel import InOrder, Lockstep, World
 from ..pipelines.sdxl import StepCallback
+from ..pipelines.story_diffusion import Replay
 from ..story.comic import DEFAULT_FONT_SIZE, LAYOUTS, make_pages
 from ..story.prompts import Story
+from .characters import LATER_SETTINGS, replay_section
 from .files import png_bytes, prepare, read_png, save_png
 from .record import RunRecord
 
@@ -57,10 +59,13 @@ class StoryRun:
     record: RunRecord
 
 
-def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
+def _story_section(pipe, story: Story, settings, replay: Replay) -> dict[str, Any]:
     positive, negative = pipe.prompts(story, settings)
     cut = pipe.truncation(story, settings)
+    chunks = settings.long_prompts and (replay.text_chunks or pipe.text_chunks(story, settings))
     return {
+        **({"text_chunks": chunks} if chunks else {}),  # long_prompts: 77-token chunks per prompt, the run's shape
+        **({"replay": replay_section(replay)} if replay_section(replay) else {}),  # kept characters, parts
         "characters": {c.name: c.description for c in story.characters},
         "id_length": story.id_length,
         "id_panels": {k: list(v) for k, v in story.id_panels.items()},
@@ -72,7 +77,7 @@ def _story_section(pipe, story: Story, settings) -> dict[str, Any]:
                 "negative_prompt": negative[i],
                 "caption": p.caption,
                 "characters": list(p.characters),
-                "noise_seed": [settings.seed, i],
+                "noise_seed": replay.noise_seed(settings.seed, i),
                 "dropped": cut.get(i, {}),  # text past CLIP's 77 tokens, not seen by the model
             }
             for i, p in enumerate(story.panels)
@@ -99,6 +104,8 @@ def run_story(
     photos=None,
     bank: str = "auto",
     world: World | None = None,
+    replay: Replay | None = None,
+    extend: bool = False,
 ) -> StoryRun | None:
     """Generate ``story`` with a StoryDiffusionPipeline into ``folder``.
 
@@ -107,9 +114,10 @@ def run_story(
     after every sampler step of a batch. ``photos``: the characters' reference photos (``RefPhotos``), recorded in
     the settings. ``bank``: where the id bank is kept (see the pipeline); on disk it is the
     folder's ``.id_bank`` (one per rank), deleted when the run ends. With a ``world`` of several ranks (``parallel``)
-    the later panels are split across them and rank 0 writes every file; it returns None on the other ranks."""
-    world = world or World()
-    folder = Path(folder)
+    the later panels are split across them and rank 0 writes every file; it returns None on the other ranks.
+    ``replay``: seeds kept from earlier runs (``runs.characters``); ``extend``: the folder's run is continued with
+    more panels (``continued_story`` gives story and replay)."""
+    world, folder, replay = world or World(), Path(folder), replay or Replay()
     bank_dir = folder / (BANK_DIR if world.size == 1 else f"{BANK_DIR}.rank{world.rank}")
     pipe.check(story, settings, photos, bank, bank_dir)  # memory and disk, before the folder is touched
     record_settings = {**settings.to_dict(), "typesetting": layout.typesetting, "font_size": layout.font_size}
@@ -118,20 +126,23 @@ def run_story(
     loaded = pipe.sdxl.models
     record_models = {**{k: str(v) for k, v in (models or {}).items()}, "fingerprint": loaded.fingerprint}
     record_models["loras"] = loaded.loras  # path, scale and fingerprint of each LoRA fused into the model
-    story_section = _story_section(pipe, story, settings)
+    story_section = _story_section(pipe, story, settings, replay)
     world.same("settings, story or model", [settings.to_dict(), loaded.fingerprint, story_section])
     total = len(story.panels)
     images: dict[int, Image.Image] = {}
     old = record = None
+    before = 0  # panels of the run that is continued
 
     def begin() -> list[int]:  # rank 0 alone reads and writes the folder
-        nonlocal old, record
-        old = prepare(folder, METHOD, resume=resume, overwrite=overwrite)
+        nonlocal old, record, before
+        old = prepare(folder, METHOD, resume=resume or extend, overwrite=overwrite)
         for stale in folder.glob(f"{BANK_DIR}*"):  # a killed run's banks on disk
             shutil.rmtree(stale, ignore_errors=True)
         if old is not None:
-            _check_same_run(old, record_settings, record_models, story_section)
+            before = len(old.story.get("panels") or [])
+            _check_same_run(old, record_settings, record_models, story_section, extend)
             record = old
+            record.story = story_section
             for i in record.require("progress", "panels", list):
                 if not isinstance(i, int) or not 0 <= i < total:
                     raise RecordError(f"{record.where}: 'progress.panels' lists {i!r}, not a panel of this story")
@@ -158,7 +169,7 @@ def run_story(
 
     # every rank runs the id phases (they write the banks in memory); the later panels' batches still to make are
     # shared round-robin, and their images reach rank 0 in the order one process makes them
-    pending = [b for b in pipe.read_batches(story, settings) if not set(made).issuperset(b)]
+    pending = [b for b in pipe.read_batches(story, settings, replay) if not set(made).issuperset(b)]
     mine = world.share(pending)
     ids = {i for tile in story.id_panels.values() for i in tile}
     arrived = InOrder([i for b in pending for i in b], lambda i, png: on_panel(i, Image.open(io.BytesIO(png))))
@@ -180,6 +191,7 @@ def run_story(
                 on_step=on_step,
                 skip=sorted(skip),
                 photos=photos,
+                replay=replay,
                 bank=bank,
                 bank_dir=bank_dir,
             )
@@ -196,22 +208,30 @@ def run_story(
         if name not in record.files:
             record.files.append(name)
     record.progress = {"panels": record.progress["panels"], "pages": names, "done": True}
-    record.log.append({"resumed": old is not None, "seconds": round(time.time() - start, 2)})
+    grown = {"continued": f"{before} -> {total} panels"} if extend else {}
+    record.log.append({"resumed": old is not None and not extend, **grown, "seconds": round(time.time() - start, 2)})
     record.save(folder)
     return StoryRun(folder, [folder / panel_name(i) for i in range(total)], [folder / n for n in names], record)
 
 
-def _check_same_run(old: RunRecord, settings: dict, models: dict, story: dict) -> None:
-    """A resumed run must make the same images: same settings, story and model files."""
-    diffs = [
-        f"{k}: recorded {old.settings.get(k)!r}, given {v!r}" for k, v in settings.items() if old.settings.get(k) != v
-    ]
+def _check_same_run(old: RunRecord, settings: dict, models: dict, story: dict, extend: bool = False) -> None:
+    """A resumed run must make the same images: same settings, story and model files (a continued one: its story
+    begins with the recorded one)."""
+    recorded = {**LATER_SETTINGS, **old.settings}
+    diffs = [f"{k}: recorded {recorded.get(k)!r}, given {v!r}" for k, v in settings.items() if recorded.get(k) != v]
     if old.models.get("fingerprint") != models["fingerprint"]:
         diffs.append("the model files differ from the recorded ones (fingerprint)")
-    if old.story != story:
+    if extend:  # the recorded panels first; the replay grows by the new part (continued_story carries it over)
+        old_story = {k: v for k, v in old.story.items() if k != "replay"}
+        made = len(old.story.get("panels") or [])
+        story = {**{k: v for k, v in story.items() if k != "replay"}, "panels": story["panels"][:made]}
+    else:
+        old_story = old.story
+    if old_story != story:
         diffs.append("the story (characters or panels) differs from the recorded one")
     if diffs:
-        raise RecordError("cannot resume: the run was made with other settings: " + "; ".join(diffs[:5]))
+        what = "continue" if extend else "resume"
+        raise RecordError(f"cannot {what}: the run was made with other settings: " + "; ".join(diffs[:5]))
 
 
 def kept(folder: str | Path) -> str:

@@ -266,6 +266,11 @@ DEFAULT_ACTIONS = (
 _HERO = "Hero"  # the one character of a plain description; never named in messages
 
 
+def as_hero(line: str) -> str:
+    """A story line for a plain description: an untagged panel is about its one character."""
+    return line if "[" in line else f"[{_HERO}],{line.split('#')[0]} #{line.rpartition('#')[2]}"
+
+
 def story_from_text(general_prompt: str, story_text: str | None, id_length: int) -> Story:
     """A story from a front end's two texts: a character box (``[Name] description`` lines) with a story of one
     panel per line, or, as mindone's run.py, one plain description of the character of every untagged panel
@@ -296,9 +301,7 @@ def story_from_text(general_prompt: str, story_text: str | None, id_length: int)
                 f"the character needs {id_length} id panels (panels without a [tag]) but the story has {alone}: "
                 "add panels or lower id_length"
             )
-        story_text = "\n".join(
-            line if "[" in line else f"[{_HERO}],{line.split('#')[0]} #{line.rpartition('#')[2]}" for line in lines
-        )
+        story_text = "\n".join(as_hero(line) for line in lines)
     try:
         return parse_story(f"[{_HERO}] {general_prompt}", story_text, id_length)
     except ValueError as e:
