@@ -105,6 +105,24 @@ def test_v2_and_other_files_are_refused(manifest, full_size):
         check(full_size, part(missing, ID_PREFIX, "id_encoder"), "")
 
 
+def test_the_loader_checks_the_file_against_the_model(tmp_path):
+    """load_photomaker runs the one strict check against the id encoder built from the file's config: one
+    LayoutError naming the file, the missing key and the mis-shaped one."""
+    from mindone_story.pipelines.photomaker import tiny_photomaker_weights
+    from mindone_story.weights import save_safetensors
+    from mindone_story.weights.photomaker import CONFIG_KEY
+
+    weights, cfg = tiny_photomaker_weights(TINY_SDXL)
+    del weights[f"{ID_PREFIX}fuse_module.layer_norm.bias"]
+    weights[f"{ID_PREFIX}visual_projection_2.weight"] = np.zeros((3, 3), np.float32)
+    save_safetensors(weights, tmp_path / "pm.safetensors", {CONFIG_KEY: json.dumps(cfg.to_dict())})
+    with pytest.raises(LayoutError) as err:
+        load_photomaker(tmp_path / "pm.safetensors", ms.float32)
+    assert "pm.safetensors (PhotoMaker id_encoder): the weights do not fit the model" in str(err.value)
+    assert "missing keys (1): fuse_module.layer_norm.bias" in str(err.value)
+    assert "visual_projection_2.weight (from id_encoder.visual_projection_2.weight): file [3, 3]" in str(err.value)
+
+
 # -- the id encoder and the text ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sdxl():
