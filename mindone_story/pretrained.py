@@ -26,6 +26,7 @@ from .layers import compute_dtype
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from .models.ip_adapter import IPAdapter, attn2_layers
 from .models.load import check_state, load_state, parameter_shapes
+from .models.photomaker import PhotoMakerConfig, PhotoMakerIDEncoder
 from .models.unet import UNet
 from .models.vae import AutoencoderKL
 from .weights.layouts import SDXL_COMPONENTS, load_config
@@ -71,6 +72,8 @@ def _build(name: str, config: dict[str, Any]):
         return CLIPTextModel(CLIPTextConfig.from_dict(config))
     if name == "image_encoder":
         return CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(config))
+    if name == "photomaker":  # PhotoMaker's id encoder: {"vision": CLIP vision config, "context_dim": ...}
+        return PhotoMakerIDEncoder(PhotoMakerConfig.from_dict(config))
     raise ValueError(f"unknown component {name!r}")
 
 

@@ -15,11 +15,9 @@ import mindspore as ms
 import numpy as np
 import pytest
 from conftest import FIXTURES, TINY_SDXL, rel_err
-from mindspore.nn.utils import no_init_parameters
 from PIL import Image
 
-from mindone_story.models.load import parameter_shapes
-from mindone_story.models.photomaker import PhotoMakerConfig, PhotoMakerIDEncoder
+from mindone_story.models.photomaker import PhotoMakerConfig
 from mindone_story.pipelines.photomaker import (
     TRIGGER,
     PhotoMakerConditioning,
@@ -30,12 +28,12 @@ from mindone_story.pipelines.photomaker import (
     load_photomaker,
 )
 from mindone_story.pipelines.sdxl import SDXLPipeline
-from mindone_story.pretrained import load_sdxl
+from mindone_story.pretrained import load_sdxl, model_shapes
 from mindone_story.story.prompts import story_from_text
-from mindone_story.weights import keymaps as L
+from mindone_story.weights import LayoutError, LazyTensor, LazyWeights, check
 from mindone_story.weights.layouts import preset_configs
 from mindone_story.weights.lora import Names, map_lora
-from mindone_story.weights.photomaker import LORA_PREFIX, PhotoMakerError, Prefixed, check_parts, photomaker_shapes
+from mindone_story.weights.photomaker import ID_PREFIX, LORA_PREFIX, PhotoMakerError, check_parts, part
 
 TOL = 1e-4
 MODES = ["pynative", "graph"]
@@ -51,11 +49,15 @@ def tiny_config() -> PhotoMakerConfig:
     return PhotoMakerConfig.from_dict({"vision": vision, "context_dim": 96})
 
 
-class Shapes(dict):
+def _no_read():
+    raise AssertionError("the key and shape checks must not read tensors")
+
+
+class Shapes(LazyWeights):
     """A weightless lazy source: keys and shapes only (what the strict checks read)."""
 
-    def shape(self, key):
-        return tuple(self[key])
+    def __init__(self, shapes: dict):
+        self.tensors = {k: LazyTensor(tuple(v), "F16", _no_read) for k, v in shapes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -65,35 +67,60 @@ def io():
 
 @pytest.fixture(scope="module")
 def manifest():
-    return Shapes(json.loads((FIXTURES / "manifests" / "photomaker_v1.json").read_text())["tensors"])
+    return json.loads((FIXTURES / "manifests" / "photomaker_v1.json").read_text())["tensors"]
+
+
+@pytest.fixture(scope="module")
+def full_size():
+    """The full-size id encoder's names and shapes: the model's own, built without parameter memory."""
+    return model_shapes({"photomaker": PhotoMakerConfig.sdxl().to_dict()})["photomaker"]
 
 
 # -- the checkpoint -----------------------------------------------------------------------------------------------
-def test_full_size_keys_cover_the_real_file(manifest):
-    """Every id_encoder key of photomaker-v1.bin is one of ours with its shape (model and reader agree), and every
-    lora_weights key lands on a UNet projection of the full-size SDXL (weightless: shapes only)."""
-    want = {k.removeprefix("id_encoder."): tuple(v) for k, v in manifest.items() if k.startswith("id_encoder.")}
-    assert photomaker_shapes(PhotoMakerConfig.sdxl()) == want
-    with no_init_parameters():
-        assert parameter_shapes(PhotoMakerIDEncoder(PhotoMakerConfig.sdxl())) == want
-    check_parts(manifest, "photomaker-v1.bin")
-    lora = map_lora(Prefixed(manifest, LORA_PREFIX), Names.of(preset_configs("sdxl")), "photomaker-v1.bin")
+def test_full_size_keys_cover_the_real_file(manifest, full_size):
+    """Every id_encoder key of photomaker-v1.bin is one of ours with its shape (the model's, and the reader's part
+    passes the strict check), and every lora_weights key lands on a UNet projection of the full-size SDXL
+    (weightless: shapes only)."""
+    source = Shapes(manifest)
+    want = {k.removeprefix(ID_PREFIX): tuple(v) for k, v in manifest.items() if k.startswith(ID_PREFIX)}
+    assert full_size == want
+    check(full_size, part(source, ID_PREFIX, "id_encoder"), "photomaker-v1.bin")
+    check_parts(source, "photomaker-v1.bin")
+    configs = preset_configs("sdxl")
+    names = Names.of(configs, model_shapes(configs, ("unet", "text_encoder", "text_encoder_2")))
+    lora = map_lora(part(source, LORA_PREFIX, "lora_weights"), names, "photomaker-v1.bin")
     assert lora.layouts == ["attn_processor"]
     assert len(lora.modules["unet"]) * 2 == sum(k.startswith(LORA_PREFIX) for k in manifest)
     assert {m.rank for m in lora.modules["unet"].values()} == {64}
     assert {m.scale for m in lora.modules["unet"].values()} == {1.0}  # no alphas: diffusers' alpha = rank
 
 
-def test_v2_and_other_files_are_refused(manifest):
+def test_v2_and_other_files_are_refused(manifest, full_size):
     with pytest.raises(PhotoMakerError, match="PhotoMaker V2 .*InsightFace"):
         check_parts(Shapes({**manifest, "id_encoder.qformer_perceiver.token_proj.0.weight": [1, 1]}), "v2.bin")
     with pytest.raises(PhotoMakerError, match="not a PhotoMaker v1 checkpoint"):
         check_parts(Shapes({**manifest, "image_proj.proj.weight": [1, 1]}), "x.bin")
     missing = Shapes({k: v for k, v in manifest.items() if k != "id_encoder.fuse_module.layer_norm.bias"})
-    with pytest.raises(L.LayoutError, match=r"missing keys \(1\): fuse_module\.layer_norm\.bias"):
-        L.plan(
-            Prefixed(missing, "id_encoder."), lambda k: [(k, "copy")], photomaker_shapes(PhotoMakerConfig.sdxl()), ""
-        )
+    with pytest.raises(LayoutError, match=r"missing keys \(1\): fuse_module\.layer_norm\.bias"):
+        check(full_size, part(missing, ID_PREFIX, "id_encoder"), "")
+
+
+def test_the_loader_checks_the_file_against_the_model(tmp_path):
+    """load_photomaker runs the one strict check against the id encoder built from the file's config: one
+    LayoutError naming the file, the missing key and the mis-shaped one."""
+    from mindone_story.pipelines.photomaker import tiny_photomaker_weights
+    from mindone_story.weights import save_safetensors
+    from mindone_story.weights.photomaker import CONFIG_KEY
+
+    weights, cfg = tiny_photomaker_weights(TINY_SDXL)
+    del weights[f"{ID_PREFIX}fuse_module.layer_norm.bias"]
+    weights[f"{ID_PREFIX}visual_projection_2.weight"] = np.zeros((3, 3), np.float32)
+    save_safetensors(weights, tmp_path / "pm.safetensors", {CONFIG_KEY: json.dumps(cfg.to_dict())})
+    with pytest.raises(LayoutError) as err:
+        load_photomaker(tmp_path / "pm.safetensors", ms.float32)
+    assert "pm.safetensors (PhotoMaker id_encoder): the weights do not fit the model" in str(err.value)
+    assert "missing keys (1): fuse_module.layer_norm.bias" in str(err.value)
+    assert "visual_projection_2.weight (from id_encoder.visual_projection_2.weight): file [3, 3]" in str(err.value)
 
 
 # -- the id encoder and the text ----------------------------------------------------------------------------------

@@ -246,19 +246,15 @@ class PhotoMakerConditioning:
 # -- the checkpoint -----------------------------------------------------------------------------------------------
 def load_photomaker(path: str | os.PathLike, dtype: ms.Type | None = None, config=None) -> PhotoMakerIDEncoder:
     """The id encoder of a PhotoMaker v1 file (its LoRA is fused with the SDXL weights: pass the same file to
-    ``load_sdxl(..., loras=[(path, 1.0)])``, as the app's ``fuse_lora()``)."""
-    from mindspore.nn.utils import no_init_parameters
-
+    ``load_sdxl(..., loras=[(path, 1.0)])``, as the app's ``fuse_lora()``), checked strictly against the model
+    before any tensor is read."""
     from ..layers import compute_dtype
-    from ..models.load import load_state
+    from ..pretrained import load_component
     from ..weights.photomaker import read_photomaker
 
     weights = read_photomaker(path, config)
-    with no_init_parameters():
-        encoder = PhotoMakerIDEncoder(weights.config)
-    load_state(encoder, weights, f"{path} (PhotoMaker id_encoder)", compute_dtype(dtype))
-    encoder.set_train(False)
-    return encoder
+    source = f"{path} (PhotoMaker id_encoder)"
+    return load_component("photomaker", weights.config.to_dict(), weights, source, compute_dtype(dtype))[0]
 
 
 TINY_PHOTOMAKER = "photomaker-tiny.safetensors"
@@ -269,17 +265,17 @@ def tiny_photomaker_weights(model_dir: str | os.PathLike) -> tuple[dict[str, np.
     """A PhotoMaker v1 for the tiny SDXL in ``model_dir``, in the real key layout with deterministic random weights:
     the tiny image encoder's tower (projection to the first text encoder's width), visual_projection_2 to the
     rest of the context, the fuse module, and a rank-4 LoRA on every UNet attention projection."""
-    from ..pretrained import TINY_VERSION, random_weights
-    from ..weights import shapes as S
+    from ..pretrained import TINY_VERSION, model_shapes, random_weights
     from ..weights.lora import lora_modules
-    from ..weights.photomaker import ID_PREFIX, LORA_PREFIX, photomaker_shapes
+    from ..weights.photomaker import ID_PREFIX, LORA_PREFIX
 
     folder = Path(model_dir)
     unet = json.loads((folder / "unet" / "config.json").read_text())
     vision = json.loads((folder / "image_encoder" / "config.json").read_text())
     cfg = PhotoMakerConfig.from_dict({"vision": vision, "context_dim": unet["cross_attention_dim"]})
-    shapes = {ID_PREFIX + k: v for k, v in photomaker_shapes(cfg).items()}
-    for module, shape in lora_modules(S.unet_shapes(unet)).items():
+    models = model_shapes({"photomaker": cfg.to_dict(), "unet": unet})  # the models' own names and shapes
+    shapes = {ID_PREFIX + k: v for k, v in models["photomaker"].items()}
+    for module, shape in lora_modules(models["unet"]).items():
         m = re.fullmatch(r"(.+\.attn[12])\.(to_q|to_k|to_v|to_out)(\.0)?", module)
         if m:
             out, inp = shape

@@ -3,8 +3,8 @@
 .safetensors file. The safe unpickler flattens the .bin to the same prefixed keys, so one reader serves both.
 
 - ``id_encoder``: PhotoMaker's PhotoMakerIDEncoder, transformers CLIPVisionModelWithProjection names plus
-  ``visual_projection_2.weight`` and ``fuse_module.*``; mapped strictly (``keymaps.plan``) onto our
-  ``models/photomaker.py`` cell, whose names are the checkpoint's.
+  ``visual_projection_2.weight`` and ``fuse_module.*``: the names of our ``models/photomaker.py`` cell, so the
+  part is only unprefixed (``part``) and checked strictly against that cell's own shapes (``keymaps.check``).
 - ``lora_weights``: rank-64 LoRA on every UNet attention projection in the older diffusers attention-processor
   layout (``unet.<attention>.processor.to_{q,k,v,out}_lora.{down,up}.weight``); ``lora.read_lora`` reads a
   PhotoMaker file through :func:`lora_part` and fuses it like any LoRA file.
@@ -17,14 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from . import keymaps as L
-from . import shapes as S
 from .layouts import open_weights
 from .safetensors_io import WeightFileError
 
@@ -36,32 +32,15 @@ class PhotoMakerError(L.LayoutError):
     """A PhotoMaker file we cannot use (not PhotoMaker, V2, or keys that do not fit); the message says which."""
 
 
-class Prefixed(Mapping[str, np.ndarray]):
-    """The keys of ``source`` under ``prefix``, without it (lazy, as the source)."""
+def _own(key: str) -> list[tuple[str, L.Op]]:
+    return [(key, "copy")]  # under its prefix, a part's names are ours
 
-    def __init__(self, source: L.LazySource, prefix: str):
-        self._source, self._prefix = source, prefix
-        self._keys = [k[len(prefix) :] for k in source if k.startswith(prefix)]
-        self.metadata = getattr(source, "metadata", None)
-        self.path = getattr(source, "path", None)
 
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._source[self._prefix + key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._source.shape(self._prefix + key))
-
-    def dtype(self, key: str) -> str:
-        return self._source.dtype(self._prefix + key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and self._prefix + key in self._source
+def part(source: L.LazySource, prefix: str, name: str) -> L.MappedWeights:
+    """The keys of ``source`` under ``prefix``, named without it: a key map like any other (nothing is read)."""
+    out = L.map_keys(source, _own, name, [k for k in source if k.startswith(prefix)], prefix)
+    out.metadata = getattr(source, "metadata", None)  # (a LoRA's scales may be in it)
+    return out
 
 
 def is_photomaker(source: L.LazySource) -> bool:
@@ -89,24 +68,7 @@ def lora_part(source: L.LazySource, path: Path) -> L.LazySource:
     if not is_photomaker(source):
         return source
     check_parts(source, path)
-    return Prefixed(source, LORA_PREFIX)
-
-
-def photomaker_shapes(config: Any) -> S.Shapes:
-    """Our (= the checkpoint's) id-encoder keys and shapes: the CLIP vision tower with projection, then
-    ``visual_projection_2`` and the fuse module (two MLPs with LayerNorm, and a LayerNorm)."""
-    from ..models.photomaker import PhotoMakerConfig
-
-    cfg = config if isinstance(config, PhotoMakerConfig) else PhotoMakerConfig.from_dict(config)
-    v, c = S.as_dict(cfg.vision), cfg.context_dim
-    out = S.clip_vision_shapes(v)
-    S._linear(out, "visual_projection_2", c - v["projection_dim"], v["hidden_size"], bias=False)
-    for name, dim_in in (("mlp1", 2 * c), ("mlp2", c)):
-        S._norm(out, f"fuse_module.{name}.layernorm", dim_in)
-        S._linear(out, f"fuse_module.{name}.fc1", c, dim_in)
-        S._linear(out, f"fuse_module.{name}.fc2", c, c)
-    S._norm(out, "fuse_module.layer_norm", c)
-    return out
+    return part(source, LORA_PREFIX, f"{path} (lora_weights)")
 
 
 def _config(source: L.LazySource, path: Path, config: Any) -> Any:
@@ -124,8 +86,9 @@ def _config(source: L.LazySource, path: Path, config: Any) -> Any:
 
 
 def read_photomaker(path: str | os.PathLike, config: Any = None) -> L.MappedWeights:
-    """The id encoder of a PhotoMaker v1 file, strictly mapped (every key once, every shape checked) before any
-    tensor is read; ``.config`` is the PhotoMakerConfig (given, from our tiny files' metadata, or ViT-L/14)."""
+    """The id encoder of a PhotoMaker v1 file under our names, from the headers alone; ``.config`` is the
+    PhotoMakerConfig (given, from our tiny files' metadata, or ViT-L/14). The strict check is the loader's, against
+    the model built from that config (``pipelines.photomaker.load_photomaker``)."""
     path = Path(path)
     if not path.is_file():
         raise WeightFileError(f"{path}: PhotoMaker file not found")
@@ -139,8 +102,6 @@ def read_photomaker(path: str | os.PathLike, config: Any = None) -> L.MappedWeig
             f"{path}: the id encoder's vision tower is {width} wide where the config (ViT-L/14 for PhotoMaker v1, "
             f"or our tiny file's metadata) has {cfg.vision.hidden_size}"
         )
-    mapped = L.plan(
-        Prefixed(source, ID_PREFIX), lambda k: [(k, "copy")], photomaker_shapes(cfg), f"{path} (id_encoder)"
-    )
-    mapped.config = cfg
-    return mapped
+    weights = part(source, ID_PREFIX, f"{path} (id_encoder)")
+    weights.config = cfg
+    return weights
