@@ -137,6 +137,17 @@ def test_repeat_reuses_the_loaded_model_and_gives_the_same_images(client, sd_run
         assert np.array_equal(pixels(again["image"]), pixels(first["image"]))
 
 
+def test_story_diffusion_with_a_lora(client, sd_run, tmp_path):
+    """The LoRA field fuses the file into a model of its own (the plain one stays cached) and the record lists it."""
+    lora = Path(__file__).resolve().parent / "fixtures" / "lora" / "peft.safetensors"
+    gallery, _, archive, status = client.predict(**FORM, lora=f"{lora}:0.8", api_name="/story_diffusion")
+    assert "model loaded in" in status
+    loras = json.loads((unzip(archive, tmp_path) / "story.json").read_text())["models"]["loras"]
+    assert [(entry["path"], entry["scale"]) for entry in loras] == [(str(lora), 0.8)]
+    plain = [pixels(item["image"]) for item in sd_run[0]]
+    assert not any(np.array_equal(pixels(item["image"]), p) for item, p in zip(gallery, plain))
+
+
 def test_story_diffusion_with_a_reference_photo(client, tmp_path):
     """The "Using Ref Images" switch with an upload: the tiny model's PhotoMaker, the photo recorded."""
     from gradio_client import handle_file
@@ -218,6 +229,7 @@ def test_kept_character_from_the_zip_replays_its_panels(client, sd_run, tmp_path
             {"ref_mode": "Using Ref Images", "characters": CHARACTERS.replace("a man", "a man img")},
             "upload one photo for each of [Bob], in that order; got 0",
         ),
+        ("/story_diffusion", {"lora": "/no/such.safetensors:0.5"}, "LoRA file not found: /no/such.safetensors"),
         ("/story_adapter", {"story_text": ""}, "the story is empty"),
         ("/story_adapter", {"rounds": -1}, "rounds must be at least 0, got -1"),
         ("/story_adapter", {"style": "comic", "steps": 0}, "steps must be at least 1, got 0"),

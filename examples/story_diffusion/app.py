@@ -141,6 +141,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
         ref_files=None,
         style_strength=20,
         kept=None,
+        lora="",
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 - Gradio's tracker; tqdm: hub download bars
     ):
         settings, id_length, layout = logic.story_diffusion_settings(
@@ -166,13 +167,14 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
             if recipes:
                 raise StoryError("kept characters and reference photos cannot be combined yet: use one or the other")
             check_photos(story, settings.style_name, photos)
+        loras = logic.loras_of(lora)
         model = logic.choose_model(model_name, model_path, args.cache_dir)
         models = {"model": model}
         if photos is None:
-            pipe, loaded = load(progress, logic.story_diffusion_pipeline, model)
+            pipe, loaded = load(progress, logic.story_diffusion_pipeline, model, loras)
         else:
             models["photomaker"] = logic.photomaker_file(model, args.cache_dir)
-            pipe, loaded = load(progress, logic.photomaker_pipeline, model, models["photomaker"])
+            pipe, loaded = load(progress, logic.photomaker_pipeline, model, loras, models["photomaker"])
         for recipe in recipes:
             check_model(recipe, pipe.sdxl.models.fingerprint, pipe.sdxl.models.loras)
         out = logic.new_output_dir(args.output_dir, "story_diffusion")
@@ -295,6 +297,9 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                         label="kept characters (character_*.json from an earlier run's zip): replayed exactly",
                         elem_id="sd-kept",
                     )
+                    sd_lora = gr.Textbox(
+                        "", lines=1, label="LoRA files: one PATH[:SCALE] per line, fused at load", elem_id="sd-lora"
+                    )
                     sd_go = gr.Button("Generate", variant="primary", elem_id="sd-generate")
                 with gr.Column():
                     sd_gallery = gr.Gallery(label="panels", columns=3, format="png", elem_id="sd-gallery")
@@ -324,6 +329,7 @@ def build_demo(args: argparse.Namespace, cache: logic.ModelCache | None = None) 
                     ref_files,
                     style_strength,
                     kept,
+                    sd_lora,
                 ],
                 [sd_gallery, sd_pages, sd_zip, sd_status],
                 api_name="story_diffusion",

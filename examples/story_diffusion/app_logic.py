@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from frontend import dtype_of  # the demo reads --dtype as the CLIs do
+from frontend import check_loras, dtype_of, lora_arg  # the demo reads --dtype and LoRAs as the CLIs do
 
 from mindone_story import checks
 from mindone_story.errors import StoryError
@@ -128,14 +128,22 @@ def model_dir(model: str) -> Path:
     return tiny_model_dir() if model == "tiny" else Path(model)
 
 
-def story_diffusion_pipeline(cache: ModelCache, model: str, dtype: str | None, mode: str):
+def loras_of(text: str | None) -> tuple[tuple[str, float], ...]:
+    """The LoRA field: one PATH[:SCALE] per line (as --lora), each file checked to exist, each scale a number."""
+    specs = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return tuple(check_loras([lora_arg(spec) for spec in specs]))
+
+
+def story_diffusion_pipeline(cache: ModelCache, model: str, loras: tuple, dtype: str | None, mode: str):
+    """A StoryDiffusion pipeline with ``loras`` fused (a model of its own in the cache: LoRAs change the weights)."""
+
     def build():
         from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
         from mindone_story.pretrained import load_sdxl
 
-        return StoryDiffusionPipeline(load_sdxl(model_dir(model), dtype_of(dtype)), mode=mode)
+        return StoryDiffusionPipeline(load_sdxl(model_dir(model), dtype_of(dtype), list(loras)), mode=mode)
 
-    return cache.get(("StoryDiffusion", model, dtype, mode), build)
+    return cache.get(("StoryDiffusion", model, loras, dtype, mode), build)
 
 
 # -- reference photos (PhotoMaker v1) --------------------------------------------------------------------------------
@@ -175,7 +183,7 @@ def photomaker_file(model: str, cache_dir: str | os.PathLike) -> str:
         raise StoryError(f"Using Ref Images: {e}") from None
 
 
-def photomaker_pipeline(cache: ModelCache, model: str, photomaker: str, dtype: str | None, mode: str):
+def photomaker_pipeline(cache: ModelCache, model: str, loras: tuple, photomaker: str, dtype: str | None, mode: str):
     """A StoryDiffusion pipeline with the PhotoMaker LoRA fused and its id encoder (a model of its own in the cache:
     the LoRA changes the UNet's weights)."""
 
@@ -184,10 +192,10 @@ def photomaker_pipeline(cache: ModelCache, model: str, photomaker: str, dtype: s
         from mindone_story.pipelines.story_diffusion import StoryDiffusionPipeline
         from mindone_story.pretrained import load_sdxl
 
-        models = load_sdxl(model_dir(model), dtype_of(dtype), [(photomaker, 1.0)])
+        models = load_sdxl(model_dir(model), dtype_of(dtype), [*loras, (photomaker, 1.0)])
         return StoryDiffusionPipeline(models, mode=mode, photomaker=load_photomaker(photomaker, dtype_of(dtype)))
 
-    return cache.get(("StoryDiffusion+PhotoMaker", model, photomaker, dtype, mode), build)
+    return cache.get(("StoryDiffusion+PhotoMaker", model, loras, photomaker, dtype, mode), build)
 
 
 # -- runs ------------------------------------------------------------------------------------------------------------
