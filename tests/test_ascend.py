@@ -435,9 +435,9 @@ def test_default_run_py_on_emulated_ascend_runs_in_fp16(device, monkeypatch, tmp
     built = []
 
     class Spy(story_diffusion.StoryDiffusionPipeline):
-        def __init__(self, models, mode):
+        def __init__(self, models, mode, **kwargs):
             built.append((models.unet.conv_in.weight.dtype, models.vae.decoder.conv_in.weight.dtype))
-            super().__init__(models, mode)
+            super().__init__(models, mode, **kwargs)
 
     monkeypatch.setattr(story_diffusion, "StoryDiffusionPipeline", Spy)  # run.py imports it when it runs
     (tmp_path / "story.txt").write_text("wakes up #morning\n")
