@@ -74,20 +74,23 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def retype(element, text: str) -> None:
+    """Replace a field's text, with Enter between lines, as a person types them."""
+    from selenium.webdriver.common.keys import Keys
+
+    element.click()
+    element.send_keys(Keys.CONTROL, "a")
+    element.send_keys(Keys.BACKSPACE)
+    for line_no, line in enumerate(text.split("\n")):
+        element.send_keys(("\n" if line_no else "") + line)
+    element.send_keys(Keys.TAB)
+
+
 def test_generate_in_the_browser(url, browser, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     def find(css):
         return browser.find_element(By.CSS_SELECTOR, css)
-
-    def retype(element, text):
-        element.click()
-        element.send_keys(Keys.CONTROL, "a")
-        element.send_keys(Keys.BACKSPACE)
-        for line_no, line in enumerate(text.split("\n")):  # Enter between lines, as a person types them
-            element.send_keys(("\n" if line_no else "") + line)
-        element.send_keys(Keys.TAB)
 
     browser.get(url)
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#sd-generate"), 120, "the page")
@@ -129,18 +132,9 @@ def test_generate_in_the_browser(url, browser, tmp_path):
 def test_reference_photo_in_the_browser(url, browser):
     """The 'Using Ref Images' switch shows the upload; a photo uploaded for [Bob] gives his two panels."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
     def find(css):
         return browser.find_element(By.CSS_SELECTOR, css)
-
-    def retype(element, text):
-        element.click()
-        element.send_keys(Keys.CONTROL, "a")
-        element.send_keys(Keys.BACKSPACE)
-        for line_no, line in enumerate(text.split("\n")):
-            element.send_keys(("\n" if line_no else "") + line)
-        element.send_keys(Keys.TAB)
 
     browser.get(url)
     wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "#sd-generate"), 120, "the page")
