@@ -1,4 +1,5 @@
-"""One SDXL UNet step (CFG batch 2): our MindSpore UNet in graph mode against diffusers' PyTorch UNet2DConditionModel.
+"""One SDXL UNet step (CFG batch 2), or one VAE decode (``--component vae``): ours in MindSpore (graph mode, or
+PyNative with ``--ms_mode pynative``) against diffusers' PyTorch UNet2DConditionModel / AutoencoderKL.
 
 Both frameworks get the same random weights (``mindone_story.pretrained.random_weights``: every tensor seeded by its
 own name, so each child regenerates bit-identical arrays tensor by tensor instead of holding a second 10 GB copy; the
@@ -17,7 +18,16 @@ framework goes first); the reported medians are over all timed steps of all roun
     python benchmarks/unet_step.py --config tiny --latent 32 --runs 20 --warmup 3 --rounds 3
     python benchmarks/unet_step.py --config sdxl --latent 64 --runs 3 --warmup 1
 
-Prints a markdown table and writes a JSON file (``--out``, default benchmarks/results/unet_step_<config>_<latent>.json).
+    python benchmarks/unet_step.py --config sdxl --latent 128 --runs 2 --warmup 1 --schedule sequential --max_rss_gb 21
+    python benchmarks/unet_step.py --config sdxl --component vae --latent 128 --runs 3 --warmup 1
+
+Distance to the machine's limit: the torch child counts one call's FLOPs with ``torch.utils.flop_counter`` on a
+meta-device copy of the model (matmuls, convolutions, attention; nothing computed), and each child times an fp32
+[4096, 4096] product in its own framework (best of 3) before the first step. The table gives each framework's
+achieved GFLOP/s (FLOPs / median time) and its share of the better probe.
+
+Prints a markdown table and writes a JSON file (``--out``, default
+benchmarks/results/{unet_step,vae_decode}_<config>_<latent>[_pynative].json).
 """
 
 from __future__ import annotations
@@ -51,18 +61,27 @@ from common import (
 )
 
 FRAMEWORKS = ("torch", "mindspore")
+WHAT = {"unet": "UNet step (CFG batch 2)", "vae": "VAE decode (one image)"}
+FILE = {"unet": "unet_step", "vae": "vae_decode"}
+INPUTS = {  # the positional inputs of our cells' construct, in order
+    "unet": ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"),
+    "vae": ("latent",),
+}
 SEED_TEXT = "unet-step-benchmark"
 
 
 # -- shared helpers ------------------------------------------------------------------------------------------------
-def preset_config(name: str) -> dict:
-    path = ROOT / "mindone_story" / "presets" / name / "unet" / "config.json"
+def preset_config(name: str, component: str = "unet") -> dict:
+    path = ROOT / "mindone_story" / "presets" / name / component / "config.json"
     return json.loads(path.read_text())
 
 
-def make_inputs(config: dict, latent: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """CFG batch 2: latents, one timestep [1], text states [2, 77, cross], pooled embeds and SDXL time ids."""
+def make_inputs(config: dict, latent: int, component: str = "unet", seed: int = 0) -> dict[str, np.ndarray]:
+    """UNet: CFG batch 2: latents, one timestep [1], text states [2, 77, cross], pooled embeds and SDXL time ids.
+    VAE: one latent [1, C, latent, latent] (the pipelines decode one image at a time)."""
     rng = np.random.default_rng(seed)
+    if component == "vae":
+        return {"latent": rng.standard_normal((1, config["latent_channels"], latent, latent)).astype(np.float32)}
     add_dim = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
     size = float(latent * 8)
     return {
@@ -81,9 +100,74 @@ def rel_err(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 # -- the child: one framework ---------------------------------------------------------------------------------------
+PROBE_N = 4096  # the matmul probe: [n, n] @ [n, n] in fp32, 2 n^3 FLOP
+
+
+def torch_model(component: str, config: dict):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    cls = AutoencoderKL if component == "vae" else UNet2DConditionModel
+    return cls.from_config(config).eval()
+
+
+def torch_call(component: str, model, inputs: dict):
+    """The measured call on torch tensors: a UNet step or a VAE decode."""
+    if component == "vae":
+        return model.decode(inputs["latent"], return_dict=False)[0]
+    added = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    args = [inputs[k] for k in ("sample", "timestep", "encoder_hidden_states")]
+    return model(*args, added_cond_kwargs=added, return_dict=False)[0]
+
+
+def count_flops(component: str, config: dict, inputs: dict[str, np.ndarray]) -> int:
+    """FLOPs of one call by torch's FlopCounterMode on the meta device (shapes only, nothing computed): matmuls,
+    convolutions and attention, which is what the matmul probe compares with."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = torch_model(component, config)
+        meta = {k: torch.empty(v.shape, dtype=torch.float32) for k, v in inputs.items()}
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        torch_call(component, model, meta)
+    return int(counter.get_total_flops())
+
+
+def matmul_probe(framework: str, reps: int = 3) -> float:
+    """The best of ``reps`` fp32 [n, n] @ [n, n] products in this framework, in GFLOP/s: the machine's usable peak."""
+    a = np.random.default_rng(0).standard_normal((PROBE_N, PROBE_N)).astype(np.float32)
+    if framework == "torch":
+        import torch
+
+        x = torch.from_numpy(a)
+        run = lambda: torch.mm(x, x)  # noqa: E731
+    else:  # the library's Linear: the fused SGEMM kernel the UNet's projections and convolutions run on
+        import mindspore as ms
+
+        from mindone_story.layers import Linear
+
+        linear = Linear(PROBE_N, PROBE_N, bias=False)
+        linear.weight.set_data(ms.Tensor(a))
+        x = ms.Tensor(a)
+        run = lambda: linear(x).asnumpy()  # noqa: E731
+    run()
+    best = min(_seconds(run) for _ in range(reps))
+    return 2 * PROBE_N**3 / best / 1e9
+
+
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 class Child:
-    def __init__(self, framework: str, config: dict, inputs: dict[str, np.ndarray], threads: int, ms_mode: str):
+    def __init__(
+        self, framework: str, component: str, config: dict, inputs: dict[str, np.ndarray], threads: int, ms_mode: str
+    ):
         self.framework = framework
+        self.component = component
         self.report = {"framework": framework}
         self.report["rss_start"] = rss_bytes()
         if framework == "torch":
@@ -93,14 +177,12 @@ class Child:
 
     def _setup_torch(self, config, inputs, threads):
         import torch
-        from diffusers import UNet2DConditionModel
 
         torch.set_num_threads(threads)
         self.report["versions"] = {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__}
         self.report["rss_after_import"] = rss_bytes()
         with torch.device("meta"):  # no allocation: the weights come from the numpy arrays below
-            unet = UNet2DConditionModel.from_config(config)
-        unet.eval()
+            unet = torch_model(self.component, config)
         shapes = {k: tuple(v.shape) for k, v in unet.state_dict().items()}
         self.weights = LazyRandomWeights(shapes, SEED_TEXT)
         t0 = time.perf_counter()
@@ -110,15 +192,11 @@ class Child:
         self.report["load_s"] = time.perf_counter() - t0
         self.report["params"] = int(sum(p.numel() for p in unet.parameters()))
         self.report["rss_after_load"] = rss_bytes()
-        args = [torch.from_numpy(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states")]
-        added = {
-            "text_embeds": torch.from_numpy(inputs["text_embeds"]),
-            "time_ids": torch.from_numpy(inputs["time_ids"]),
-        }
+        tensors = {k: torch.from_numpy(v) for k, v in inputs.items()}
 
         def step():
             with torch.inference_mode():
-                return unet(*args, added_cond_kwargs=added, return_dict=False)[0].numpy()
+                return torch_call(self.component, unet, tensors).numpy()
 
         self.step = step
 
@@ -134,7 +212,7 @@ class Child:
 
         self.report["versions"] = {"mindspore": ms.__version__}
         self.report["rss_after_import"] = rss_bytes()
-        unet = build_component("unet", config)
+        unet = build_component(self.component, config)
         unet.set_train(False)
         shapes = parameter_shapes(unet)
         self.weights = LazyRandomWeights(shapes, SEED_TEXT)
@@ -143,10 +221,9 @@ class Child:
         self.report["load_s"] = time.perf_counter() - t0
         self.report["params"] = int(sum(int(np.prod(s)) for s in shapes.values()))
         self.report["rss_after_load"] = rss_bytes()
-        args = [
-            ms.Tensor(inputs[k]) for k in ("sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids")
-        ]
-        # graph: the whole UNet as one ms.jit graph (as the pipelines run it); pynative: op by op, launch_blocking
+        args = [ms.Tensor(inputs[k]) for k in INPUTS[self.component]]
+        # graph: the whole UNet (or VAE decoder) as one ms.jit graph, as the pipelines run it; pynative: op by op,
+        # launch_blocking
         compiled = ms.jit(unet.construct) if ms_mode == "graph" else unet
         self.report["ms_mode"] = ms_mode
 
@@ -183,8 +260,11 @@ def child_main(args) -> None:
         spec.loader.exec_module(module)
     inputs = dict(np.load(args.inputs))
     config = json.loads(Path(args.config_file).read_text())
-    child = Child(args.child, config, inputs, args.threads, args.ms_mode)
+    child = Child(args.child, args.component, config, inputs, args.threads, args.ms_mode)
     child.report["weights_crc32"] = child.weights.checksum()
+    if args.child == "torch":
+        child.report["flops"] = count_flops(args.component, config, inputs)
+    child.report["matmul_gflops"] = matmul_probe(args.child)
     child.report["rss_ready"] = rss_bytes()
     child.report["maxrss_ready"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     send({"event": "ready", **child.report})
@@ -236,6 +316,8 @@ class Runner:
             str(args.threads),
             "--ms_mode",
             args.ms_mode,
+            "--component",
+            args.component,
         ]
         env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
         env.update(dict(kv.split("=", 1) for kv in (args.ms_env if framework == "mindspore" else args.torch_env)))
@@ -394,13 +476,13 @@ def run_framework_phases(runners: dict[str, Runner], state: dict[str, dict], ord
 
 def parent_main(args) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally` blocks
-    config = preset_config(args.config)
+    config = preset_config(args.config, args.component)
     latent = args.latent or (32 if args.config == "tiny" else 64)
     frameworks = list(FRAMEWORKS) if args.framework == "both" else [args.framework]
-    inputs = make_inputs(config, latent)
+    inputs = make_inputs(config, latent, args.component)
     avail = mem_available_bytes()
     print(
-        f"# UNet step benchmark: config {args.config}, latent {latent} ({latent * 8}x{latent * 8}), CFG batch 2, "
+        f"# {WHAT[args.component]} benchmark: config {args.config}, latent {latent} ({latent * 8}x{latent * 8}), "
         f"frameworks {frameworks}; MemAvailable {avail / GB:.1f} GB, cap {args.max_rss_gb} GB per child",
         flush=True,
     )
@@ -417,7 +499,7 @@ def parent_main(args) -> int:
             time.sleep(30)
 
     # both children alive at once only if two copies of the weights fit comfortably
-    weight_bytes = 4 * approx_params(config)
+    weight_bytes = 4 * approx_params(args.component, config)
     schedule = args.schedule
     if schedule == "auto":
         schedule = (
@@ -458,7 +540,9 @@ def parent_main(args) -> int:
     result = summarize(args, config, latent, schedule, state, peaks, inputs)
     result["workdir"] = str(workdir)
     suffix = "" if args.ms_mode == "graph" else f"_{args.ms_mode}"
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"unet_step_{args.config}_{latent}{suffix}.json")
+    out = Path(
+        args.out or ROOT / "benchmarks" / "results" / f"{FILE[args.component]}_{args.config}_{latent}{suffix}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(markdown_table(result))
@@ -466,9 +550,12 @@ def parent_main(args) -> int:
     return 0
 
 
-def approx_params(config: dict) -> int:
-    """Parameter count estimate without a framework: 2.57 B for the SDXL preset, scaled by channels^2 otherwise."""
+def approx_params(component: str, config: dict) -> int:
+    """Parameter count estimate without a framework: 2.57 B for the SDXL UNet, 84 M for its VAE, scaled by
+    channels^2 otherwise."""
     ch = config["block_out_channels"][-1]
+    if component == "vae":
+        return int(83.65e6 * (ch / 512) ** 2)
     depth = sum(config["transformer_layers_per_block"])
     return int(2.567e9 * (ch / 1280) ** 2 * (depth + 4) / (13 + 4))
 
@@ -482,10 +569,11 @@ def summarize(args, config, latent, schedule, state, peaks, inputs) -> dict:
             "mem_total_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / GB, 1),
             "python": platform.python_version(),
         },
+        "component": args.component,
         "config": args.config,
         "latent": latent,
         "image": latent * 8,
-        "batch": 2,
+        "batch": 2 if args.component == "unet" else 1,
         "runs": args.runs,
         "warmup": args.warmup,
         "rounds": args.rounds,
@@ -506,6 +594,7 @@ def summarize(args, config, latent, schedule, state, peaks, inputs) -> dict:
                 versions=s["versions"],
                 params=s["params"],
                 weights_crc32=s["weights_crc32"],
+                matmul_gflops=s["matmul_gflops"],
                 load_s=s["load_s"],
                 rss_after_import_gb=s["rss_after_import"] / GB,
                 rss_after_load_gb=s["rss_after_load"] / GB,
@@ -533,6 +622,15 @@ def summarize(args, config, latent, schedule, state, peaks, inputs) -> dict:
                 r[key] = st[key]
         res["frameworks"][fw] = r
     t, m = res["frameworks"].get("torch", {}), res["frameworks"].get("mindspore", {})
+    flops = (state.get("torch", {}).get("setup") or [{}])[-1].get("flops")
+    probes = [r["matmul_gflops"] for r in res["frameworks"].values() if r.get("matmul_gflops")]
+    if flops:  # achieved rate against the best matmul probe of the run: the distance to the machine's limit
+        res["gflop_per_call"] = flops / 1e9
+        res["matmul_peak_gflops"] = max(probes)
+        for r in res["frameworks"].values():
+            if r.get("median_s"):
+                r["gflops"] = flops / 1e9 / r["median_s"]
+                r["of_peak"] = r["gflops"] / res["matmul_peak_gflops"]
     if t.get("median_s") and m.get("median_s"):
         res["ratio_ms_over_torch"] = m["median_s"] / t["median_s"]
         rounds = [a / b for a, b in zip(m.get("round_medians_s", []), t.get("round_medians_s", []))]
@@ -555,7 +653,8 @@ def markdown_table(res: dict) -> str:
         return fmt.format(v) if isinstance(v, (int, float)) else "–"
 
     head = (
-        f"\n### UNet step, config {res['config']}, latent {res['latent']} ({res['image']}x{res['image']}), CFG batch 2 "
+        f"\n### {WHAT[res.get('component', 'unet')]}, config {res['config']}, latent {res['latent']} "
+        f"({res['image']}x{res['image']}) "
         f"({res['date']}, {res['machine']['vcpus']} vCPU {res['machine']['cpu']}, schedule {res['schedule']}, "
         f"{res['runs']} runs x {res['rounds']} rounds, MindSpore {res.get('ms_mode', 'graph')}"
         + (f"; MindSpore env {' '.join(res['ms_env'])}" if res.get("ms_env") else "")
@@ -565,8 +664,9 @@ def markdown_table(res: dict) -> str:
     )
     rows = [
         "| framework | median s/step | min s/step | median CPU s/step | compile s (first call − median) | "
-        "RSS after load GB | peak RSS GB (ru_maxrss) | peak − loaded GB |",
-        "|---|---|---|---|---|---|---|---|",
+        "RSS after load GB | peak RSS GB (ru_maxrss) | peak − loaded GB | GFLOP/s | of matmul peak | "
+        "matmul probe GFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for fw, r in res["frameworks"].items():
         if r.get("killed") or r.get("error"):
@@ -579,9 +679,15 @@ def markdown_table(res: dict) -> str:
         rows.append(
             f"| {fw} | {f(r.get('median_s'), '{:.4g}')} | {f(r.get('min_s'), '{:.4g}')} | {f(r.get('median_cpu_s'), '{:.4g}')} | "
             f"{f(r.get('compile_s'), '{:.1f}') if fw == 'mindspore' else '–'} | {f(r.get('rss_after_load_gb'), '{:.2f}')} | "
-            f"{f(r.get('peak_rss_gb'), '{:.2f}')} | {f(r.get('peak_over_loaded_gb'), '{:.2f}')} |"
+            f"{f(r.get('peak_rss_gb'), '{:.2f}')} | {f(r.get('peak_over_loaded_gb'), '{:.2f}')} | "
+            f"{f(r.get('gflops'), '{:.1f}')} | {f(r.get('of_peak'), '{:.0%}')} | {f(r.get('matmul_gflops'), '{:.1f}')} |"
         )
     tail = []
+    if "gflop_per_call" in res:
+        tail.append(
+            f"{res['gflop_per_call']:.1f} GFLOP per call (torch's FlopCounterMode); matmul peak "
+            f"{res['matmul_peak_gflops']:.1f} GFLOP/s (best fp32 {PROBE_N}x{PROBE_N} product of either framework)"
+        )
     if "ratio_ms_over_torch" in res:
         tail.append(
             f"MindSpore / PyTorch time ratio: {res['ratio_ms_over_torch']:.2f} "
@@ -599,6 +705,7 @@ def markdown_table(res: dict) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
+    p.add_argument("--component", choices=list(WHAT), default="unet", help="a UNet step or a VAE decode")
     p.add_argument("--latent", type=int, default=None, help="latent side (default 32 for tiny, 64 for sdxl)")
     p.add_argument("--runs", type=int, default=10, help="timed steps per framework per round")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles the graph)")
@@ -654,7 +761,7 @@ def main() -> int:
     if args.warmup < 1:
         p.error("--warmup must be at least 1 (the first call compiles)")
     if args.min_free_gb is None:
-        args.min_free_gb = 18.0 if args.config == "sdxl" else 0.0
+        args.min_free_gb = 18.0 if args.config == "sdxl" and args.component == "unet" else 0.0
     return parent_main(args)
 
 
