@@ -181,6 +181,43 @@ def test_linear_matches_reference(path, mode, bias, rows):
     assert rel_err(run(lin, mode, x), ref) < 1e-5
 
 
+def _attention(q, k, v, mask=None):
+    s = q @ k.swapaxes(-1, -2) / math.sqrt(q.shape[-1]) + (0 if mask is None else mask)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize(
+    "shape",  # B, H, Sq, Sk, D, Dv: CLIP text, a query count that is no multiple of the kernel's row block, a key
+    # count that shrinks the block to 16 rows, more values than keys' width, a single key
+    [(2, 3, 77, 77, 8, 8), (1, 2, 300, 40, 16, 16), (1, 1, 40, 20000, 4, 4), (2, 1, 9, 5, 4, 12), (1, 2, 7, 1, 8, 8)],
+)
+def test_attention_matches_reference(path, mode, shape):
+    b, h, sq, sk, d, dv = shape
+    rng = np.random.default_rng(7)
+    q, k, v = (3 * rng.standard_normal(s).astype(np.float32) for s in [(b, h, sq, d), (b, h, sk, d), (b, h, sk, dv)])
+    cell = layers.MathAttention()
+    assert (cell.fused is not None) == (path == "fused")
+    ref = _attention(*(x.astype(np.float64) for x in (q, k, v)))
+    assert rel_err(run(cell, mode, q, k, v), ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_masked_attention_takes_the_composed_path(mode):
+    """The fused kernel has no mask input: a masked call (CLIP's causal mask, consistent attention's banks) must
+    still apply its mask."""
+    rng = np.random.default_rng(8)
+    q, k, v = (rng.standard_normal((1, 2, 6, 8)).astype(np.float32) for _ in range(3))
+    mask = np.triu(np.full((6, 6), -1e9, np.float32), 1)
+    cell = layers.MathAttention()
+    assert cell.fused is not None
+    out = run(cell, mode, q, k, v, mask)
+    assert rel_err(out, _attention(*(x.astype(np.float64) for x in (q, k, v, mask)))) < 1e-5
+    assert rel_err(out, run(cell, mode, q, k, v)) > 1e-2
+
+
 def test_kernels_fall_back_with_a_warning_without_a_compiler(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_built", cpu_kernels._UNBUILT)
     monkeypatch.setenv("CXX", "no-such-compiler-here")
