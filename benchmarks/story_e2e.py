@@ -703,8 +703,9 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def parent_main(args) -> int:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+def prepare_main(args) -> int:
+    """The model folder (written if missing) and the children's spec, in a process of its own: the library (and
+    so MindSpore, ~0.4 GB) is imported here, never in the watching parent."""
     if args.config == "sdxl":
         folder = model_folder(args.presets, Path(args.cache_dir))
         t0 = time.perf_counter()
@@ -715,12 +716,22 @@ def parent_main(args) -> int:
         from mindone_story.pretrained import tiny_model_dir
 
         folder, label = tiny_model_dir(), "tiny"
-    if args.write_model_only:
-        return 0
+    if not args.write_model_only:
+        spec = {**spec_of(args, folder, Path(args.prepare)), "label": label}
+        (Path(args.prepare) / "spec.json").write_text(json.dumps(spec, indent=1))
+    return 0
+
+
+def parent_main(args, argv: list[str]) -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix="story_e2e_"))
-    spec = spec_of(args, folder, workdir)
+    subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--prepare", str(workdir)], check=True)
+    if args.write_model_only:
+        workdir.rmdir()
+        return 0
     spec_file = workdir / "spec.json"
-    spec_file.write_text(json.dumps(spec, indent=1))
+    spec = json.loads(spec_file.read_text())
+    folder, label = spec["folder"], spec["label"]
     frameworks = ["torch", "mindspore"] if args.framework == "both" else [args.framework]
     raw = {}
     for fw in frameworks:  # one after the other: two SDXL copies do not fit in 24 GB
@@ -801,12 +812,16 @@ def parse_args(argv=None):
     p.add_argument("--child", choices=("torch", "mindspore"), help=argparse.SUPPRESS)
     p.add_argument("--spec", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--prepare", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    return child_main(args) if args.child else parent_main(args)
+    if args.child:
+        return child_main(args)
+    return prepare_main(args) if args.prepare else parent_main(args, argv)
 
 
 if __name__ == "__main__":
