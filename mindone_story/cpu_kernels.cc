@@ -221,21 +221,28 @@ int linear(int nparam, void **params, int *ndims, int64_t **shapes, const char *
   return failed ? 3 : 0;
 }
 
-// Attention without a score tensor: q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv] -> y [B, H, Sq, Dv] =
-// softmax(q k^T / sqrt(D)) v. Work is cut into (batch x head, block of query rows) pieces shared among threads; each
-// piece's scores live in a per-thread buffer of about 1 MB, so the [B, H, Sq, Sk] scores and probabilities the
-// composed ops keep (1.3 GB each in an SDXL attn1 layer at 1024 px) never exist.
+// Attention without a score tensor: q [B, H, Sq, D], k [B, H, Sk, D], v [B, H, Sk, Dv] (, an additive key mask
+// [B or 1, H or 1, 1, Sk]) -> y [B, H, Sq, Dv] = softmax(q k^T / sqrt(D) + mask) v. Work is cut into (batch x head,
+// block of query rows) pieces shared among threads; each piece's scores live in a per-thread buffer of about 1 MB,
+// so the [B, H, Sq, Sk] scores and probabilities the composed ops keep (1.3 GB each in an SDXL attn1 layer at
+// 1024 px) never exist.
 int attention(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes, void *, void *) {
-  if (nparam != 4 || !all_f32(4, dtypes) || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4) return 1;
-  const int64_t bh = shapes[0][0] * shapes[0][1], sq = shapes[0][2], d = shapes[0][3];
+  if ((nparam != 4 && nparam != 5) || !all_f32(nparam, dtypes) || ndims[0] != 4 || ndims[1] != 4 || ndims[2] != 4)
+    return 1;
+  const int64_t heads = shapes[0][1], bh = shapes[0][0] * heads, sq = shapes[0][2], d = shapes[0][3];
   const int64_t sk = shapes[1][2], dv = shapes[2][3];
   if (shapes[1][0] * shapes[1][1] != bh || shapes[2][0] * shapes[2][1] != bh || shapes[1][3] != d ||
       shapes[2][2] != sk)
     return 2;
+  const bool masked = nparam == 5;
+  if (masked && (ndims[3] != 4 || shapes[3][2] != 1 || shapes[3][3] != sk ||
+                 (shapes[3][0] != 1 && shapes[3][0] != shapes[0][0]) || (shapes[3][1] != 1 && shapes[3][1] != heads)))
+    return 2;
   const float *q = static_cast<const float *>(params[0]);
   const float *k = static_cast<const float *>(params[1]);
   const float *v = static_cast<const float *>(params[2]);
-  float *y = static_cast<float *>(params[3]);
+  const float *mask = masked ? static_cast<const float *>(params[3]) : nullptr;
+  float *y = static_cast<float *>(params[nparam - 1]);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t rows = std::clamp<int64_t>((int64_t{1} << 18) / std::max<int64_t>(sk, 1), 16, 256);
   const int64_t blocks = (sq + rows - 1) / rows, pieces = bh * blocks;
@@ -246,10 +253,17 @@ int attention(int nparam, void **params, int *ndims, int64_t **shapes, const cha
 #pragma omp for schedule(static)
     for (int64_t piece = 0; piece < pieces; ++piece) {
       const int64_t h = piece / blocks, r0 = (piece % blocks) * rows, n = std::min(rows, sq - r0);
+      const float *m = nullptr;
+      if (masked) m = mask + ((shapes[3][0] == 1 ? 0 : h / heads) * shapes[3][1] + (shapes[3][1] == 1 ? 0 : h % heads)) * sk;
       float *s = scores.data();
       failed |= dnnl_sgemm('N', 'T', n, sk, d, scale, q + (h * sq + r0) * d, d, k + h * sk * d, d, 0.0f, s, sk) != 0;
       for (int64_t r = 0; r < n; ++r) {
-        float *row = s + r * sk, top = row[0], sum = 0.0f;
+        float *row = s + r * sk;
+        if (masked) {
+#pragma omp simd
+          for (int64_t i = 0; i < sk; ++i) row[i] += m[i];
+        }
+        float top = row[0], sum = 0.0f;
 #pragma omp simd reduction(max : top)
         for (int64_t i = 0; i < sk; ++i) top = std::max(top, row[i]);
 #pragma omp simd reduction(+ : sum)

@@ -451,16 +451,20 @@ def _math_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Ten
 
 
 class MathAttention(nn.Cell):
-    """softmax(q k^T / sqrt(d) + mask) v; without a mask, in fp32 on CPU, one fused kernel that never holds the
-    [B, H, Sq, Sk] scores (the composed ops keep two such tensors, 1.3 GB each at 1024 px)."""
+    """softmax(q k^T / sqrt(d) + mask) v. In fp32 on CPU, without a mask or with a key mask [B|1, H|1, 1, Sk]
+    (consistent attention's), one fused kernel that never holds the [B, H, Sq, Sk] scores: the composed ops keep
+    two such tensors, 1.3 GB each in an SDXL attn1 layer at 1024 px. Other masks (CLIP's causal one) compose."""
 
     def __init__(self):
         super().__init__()
-        self.fused = cpu_kernels.op("attention", lambda q, k, v: q[:-1] + [v[-1]]) if _kind() == "fused" else None
+        self.fused = cpu_kernels.op("attention", lambda q, k, v, *_: q[:-1] + [v[-1]]) if _kind() == "fused" else None
 
     def construct(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.fused is not None and mask is None and q.dtype == ms.float32:
-            return self.fused(q, k, v)
+        if self.fused is not None and q.dtype == ms.float32:
+            if mask is None:
+                return self.fused(q, k, v)
+            if mask.ndim == 4 and mask.shape[2] == 1 and mask.dtype == ms.float32:
+                return self.fused(q, k, v, mask)
         return _math_attention(q, k, v, mask)
 
 

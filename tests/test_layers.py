@@ -204,15 +204,18 @@ def test_attention_matches_reference(path, mode, shape):
     assert rel_err(run(cell, mode, q, k, v), ref) < 1e-5
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_masked_attention_takes_the_composed_path(mode):
-    """The fused kernel has no mask input: a masked call (CLIP's causal mask, consistent attention's banks) must
-    still apply its mask."""
+@pytest.mark.parametrize("mask_shape", [(2, 1, 1, 9), (1, 3, 1, 9), (2, 3, 1, 9), (1, 1, 6, 9), (2, 1, 6, 9)])
+def test_masked_attention_matches_reference(path, mode, mask_shape):
+    """Key masks [B|1, H|1, 1, Sk] (consistent attention's, with its -1e9 drops) run fused; row masks (CLIP's
+    causal one) on the composed ops. Either way the mask is applied."""
     rng = np.random.default_rng(8)
-    q, k, v = (rng.standard_normal((1, 2, 6, 8)).astype(np.float32) for _ in range(3))
-    mask = np.triu(np.full((6, 6), -1e9, np.float32), 1)
+    q = rng.standard_normal((2, 3, 6, 8)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 3, 9, 8)).astype(np.float32) for _ in range(2))
+    mask = np.where(rng.random(mask_shape) < 0.4, -1e9, rng.standard_normal(mask_shape)).astype(np.float32)
+    mask[..., -1] = 0.0  # every row keeps a key
     cell = layers.MathAttention()
-    assert cell.fused is not None
     out = run(cell, mode, q, k, v, mask)
     assert rel_err(out, _attention(*(x.astype(np.float64) for x in (q, k, v, mask)))) < 1e-5
     assert rel_err(out, run(cell, mode, q, k, v)) > 1e-2
