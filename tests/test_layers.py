@@ -221,6 +221,16 @@ def test_masked_attention_matches_reference(path, mode, mask_shape):
     assert rel_err(out, run(cell, mode, q, k, v)) > 1e-2
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+@pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 40, 33, 64), (3, 33, 65), (2, 1, 9)])  # odd sizes cross tiles
+def test_swap_axes_matches_reference(path, mode, shape):
+    x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
+    cell = layers.SwapAxes()
+    assert (cell.fused is not None) == (path == "fused")
+    assert np.array_equal(run(cell, mode, x), np.swapaxes(x, 1, 2))
+
+
 def test_kernels_fall_back_with_a_warning_without_a_compiler(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_built", cpu_kernels._UNBUILT)
     monkeypatch.setenv("CXX", "no-such-compiler-here")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mindspore import Tensor, nn
 
-from ..layers import GatedGELU, GroupNorm, LayerNorm, Linear, attention_kernel, merge_heads, split_heads
+from ..layers import GatedGELU, GroupNorm, LayerNorm, Linear, SwapAxes, attention_kernel
 
 
 class Attention(nn.Cell):
@@ -35,18 +35,21 @@ class Attention(nn.Cell):
         self.to_v = Linear(context_dim, query_dim, bias=qkv_bias)
         self.to_out = nn.CellList([Linear(query_dim, query_dim)])
         self.attention = attention_kernel()  # processors use it too
+        self.swap = SwapAxes()
         self.processor = None
+
+    def split(self, x: Tensor) -> Tensor:
+        """[B, S, H*D] -> [B, H, S, D]."""
+        b, s, c = x.shape
+        return self.swap(x.reshape(b, s, self.heads, c // self.heads))
 
     def heads_qkv(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to per-head q, k, v: [B, H, S, D]."""
-        return (
-            split_heads(self.to_q(x), self.heads),
-            split_heads(self.to_k(context), self.heads),
-            split_heads(self.to_v(context), self.heads),
-        )
+        return self.split(self.to_q(x)), self.split(self.to_k(context)), self.split(self.to_v(context))
 
     def out(self, heads_out: Tensor) -> Tensor:
-        return self.to_out[0](merge_heads(heads_out))
+        b, h, s, d = heads_out.shape
+        return self.to_out[0](self.swap(heads_out).reshape(b, s, h * d))
 
     def construct(self, x: Tensor, context: Tensor | None = None, story: tuple | None = None) -> Tensor:
         if self.processor is not None:
@@ -58,9 +61,9 @@ class Attention(nn.Cell):
 
     def _spatial(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x).reshape(b, c, h * w).transpose(0, 2, 1)
+        tokens = self.swap(self.group_norm(x).reshape(b, c, h * w))
         out = self.out(self.attention(*self.heads_qkv(tokens, tokens)))
-        return out.transpose(0, 2, 1).reshape(b, c, h, w) + x
+        return self.swap(out).reshape(b, c, h, w) + x
 
 
 class GEGLU(nn.Cell):
@@ -112,12 +115,13 @@ class Transformer2D(nn.Cell):
             [BasicTransformerBlock(channels, heads, context_dim) for _ in range(depth)]
         )
         self.proj_out = Linear(channels, channels)
+        self.swap = SwapAxes()
 
     def construct(self, x: Tensor, context: Tensor, story: tuple | None = None) -> Tensor:
         b, c, h, w = x.shape
-        tokens = self.norm(x).transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        tokens = self.swap(self.norm(x).reshape(b, c, h * w))
         tokens = self.proj_in(tokens)
         for block in self.transformer_blocks:
             tokens = block(tokens, context, story)
         tokens = self.proj_out(tokens)
-        return tokens.reshape(b, h, w, c).transpose(0, 3, 1, 2) + x
+        return self.swap(tokens).reshape(b, c, h, w) + x

@@ -31,8 +31,6 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from ..layers import split_heads
-
 NEG = -1e9
 LEVEL_NAMES = ("sa32", "sa64")
 
@@ -66,7 +64,6 @@ class ConsistentSelfAttention(nn.Cell):
         index, valid, bank = index[self.level], valid[self.level], banks[self.layer]
         batch, tokens, channels = x.shape
         n = batch // 2
-        heads = attn.heads
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
 
         # pool per CFG half: this batch's keys/values, then the bank's
@@ -80,7 +77,7 @@ class ConsistentSelfAttention(nn.Cell):
         gate = gates[self.layer]  # 1 keeps the validity mask, 0 drops every gathered token
         gathered = ops.tile((valid * gate + NEG * (1.0 - gate)).astype(x.dtype), (2, 1))
         mask = ops.concat((gathered, ops.zeros((batch, tokens), x.dtype)), 1).reshape(batch, 1, 1, g + tokens)
-        out = attn.attention(split_heads(q, heads), split_heads(keys, heads), split_heads(values, heads), mask)
+        out = attn.attention(attn.split(q), attn.split(keys), attn.split(values), mask)
 
         sampled = ops.gather(x.reshape(2, n * tokens, channels), capture[self.level], 1)
         ops.assign(self.capture, sampled.astype(self.capture.dtype))
