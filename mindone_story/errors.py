@@ -3,14 +3,16 @@
 Every error the library raises for bad input, a bad file or an unusable output folder is a ``StoryError`` (the
 weight readers' ``LayoutError`` too; their ``WeightFileError`` is a ``ValueError``, which front ends treat the same way),
 and its message names the problem in one line. Front ends call ``main_guard``: expected errors become
-``error: <message>`` and exit status 2, Ctrl-C becomes one line saying what was kept, and anything else is a bug,
-shown as a traceback with a request to report it.
+``error: <message>`` and exit status 2, Ctrl-C (or SIGTERM) becomes one line saying what was kept, and anything else
+is a bug, shown as a traceback with a request to report it.
 """
 
 from __future__ import annotations
 
 import errno
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -60,6 +62,7 @@ def main_guard(
 ) -> int:
     """Run a front end's ``main`` and turn what it raises into an exit status (0 ok, 2 bad input, 130 Ctrl-C);
     ``where()`` names the process in the error line (the rank of a parallel run)."""
+    previous = _stop_on_sigterm()
     try:
         return main()
     except KeyboardInterrupt:
@@ -77,3 +80,22 @@ def main_guard(
         traceback.print_exc()
         print("this is a bug in mindone-story: please report it with the lines above", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_on_sigterm():
+    """While a graph compiles (and after, until ``modes`` gives Ctrl-C back), MindSpore's C handler takes Ctrl-C: it
+    stops the compile and ends the process with SIGTERM. So SIGTERM, from that handler or from ``kill`` or a job
+    scheduler, stops a run as Ctrl-C does, keeping what is finished; Python's Ctrl-C handler comes back first, since
+    MindSpore's leaves the default one (a second Ctrl-C would kill the process without a word). Returns the handler
+    it replaced, or None off the main thread (the only one that may set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)

@@ -29,9 +29,10 @@ def compiled(fn: Callable, mode: str) -> Callable:
 
 
 def _give_ctrl_c_back() -> None:
-    """MindSpore's first graph compile installs a C-level SIGINT handler that ends the process with SIGTERM: no
-    KeyboardInterrupt, no cleanup of a half-written file, no word of what was kept. Reinstall Python's handler
-    (where Python's own is in force and we are on the main thread, the only one that may set handlers)."""
+    """Every graph compile installs MindSpore's C-level SIGINT handler, which stops the compile and ends the process
+    with SIGTERM (front ends turn that into a Ctrl-C: ``errors.main_guard``). Between compiles, Ctrl-C is Python's
+    again: reinstall its handler (where Python's own is in force and we are on the main thread, the only one that may
+    set handlers)."""
     if threading.current_thread() is threading.main_thread():
         handler = signal.getsignal(signal.SIGINT)
         if handler is signal.default_int_handler:
