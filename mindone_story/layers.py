@@ -519,13 +519,20 @@ class SwapAxes(nn.Cell):
         return ops.swapaxes(x, 1, 2)
 
 
-def split_heads(x: Tensor, heads: int) -> Tensor:
-    """[B, S, H*D] -> [B, H, S, D]."""
-    b, s, c = x.shape
-    return x.reshape(b, s, heads, c // heads).transpose(0, 2, 1, 3)
+class Heads(nn.Cell):
+    """Attention heads split from channels and merged back, for every attention of the library (UNet, VAE, CLIP,
+    IP-Adapter's resampler and reference K/V), through ``SwapAxes``."""
 
+    def __init__(self):
+        super().__init__()
+        self.swap = SwapAxes()
 
-def merge_heads(x: Tensor) -> Tensor:
-    """[B, H, S, D] -> [B, S, H*D]."""
-    b, h, s, d = x.shape
-    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+    def split(self, x: Tensor, heads: int) -> Tensor:
+        """[B, S, H*D] -> [B, H, S, D]."""
+        b, s, c = x.shape
+        return self.swap(x.reshape(b, s, heads, c // heads))
+
+    def merge(self, x: Tensor) -> Tensor:
+        """[B, H, S, D] -> [B, S, H*D]."""
+        b, h, s, d = x.shape
+        return self.swap(x).reshape(b, s, h * d)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from mindspore import Tensor, nn
 
-from ..layers import GatedGELU, GroupNorm, LayerNorm, Linear, SwapAxes, attention_kernel
+from ..layers import GatedGELU, GroupNorm, Heads, LayerNorm, Linear, SwapAxes, attention_kernel
 
 
 class Attention(nn.Cell):
@@ -35,21 +35,20 @@ class Attention(nn.Cell):
         self.to_v = Linear(context_dim, query_dim, bias=qkv_bias)
         self.to_out = nn.CellList([Linear(query_dim, query_dim)])
         self.attention = attention_kernel()  # processors use it too
-        self.swap = SwapAxes()
+        self.head_axes = Heads()
+        self.swap = SwapAxes()  # tokens to channels and back, in the VAE's spatial attention
         self.processor = None
 
     def split(self, x: Tensor) -> Tensor:
         """[B, S, H*D] -> [B, H, S, D]."""
-        b, s, c = x.shape
-        return self.swap(x.reshape(b, s, self.heads, c // self.heads))
+        return self.head_axes.split(x, self.heads)
 
     def heads_qkv(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to per-head q, k, v: [B, H, S, D]."""
         return self.split(self.to_q(x)), self.split(self.to_k(context)), self.split(self.to_v(context))
 
     def out(self, heads_out: Tensor) -> Tensor:
-        b, h, s, d = heads_out.shape
-        return self.to_out[0](self.swap(heads_out).reshape(b, s, h * d))
+        return self.to_out[0](self.head_axes.merge(heads_out))
 
     def construct(self, x: Tensor, context: Tensor | None = None, story: tuple | None = None) -> Tensor:
         if self.processor is not None:

@@ -13,7 +13,7 @@ from mindspore import Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from ..config import CLIPTextConfig, CLIPVisionConfig
-from ..layers import GELU, Conv2d, Embedding, LayerNorm, Linear, attention_kernel, merge_heads, quick_gelu, split_heads
+from ..layers import GELU, Conv2d, Embedding, Heads, LayerNorm, Linear, attention_kernel, quick_gelu
 
 
 class CLIPAttention(nn.Cell):
@@ -25,15 +25,14 @@ class CLIPAttention(nn.Cell):
         self.v_proj = Linear(dim, dim)
         self.out_proj = Linear(dim, dim)
         self.attention = attention_kernel()
+        self.head_axes = Heads()
 
     def construct(self, x: Tensor, mask: Tensor | None) -> Tensor:
         # written out: a generator expression in construct makes graph mode's CSE pass slow (PLATFORM.md)
-        q, k, v = (
-            split_heads(self.q_proj(x), self.heads),
-            split_heads(self.k_proj(x), self.heads),
-            split_heads(self.v_proj(x), self.heads),
-        )
-        return self.out_proj(merge_heads(self.attention(q, k, v, mask)))
+        q = self.head_axes.split(self.q_proj(x), self.heads)
+        k = self.head_axes.split(self.k_proj(x), self.heads)
+        v = self.head_axes.split(self.v_proj(x), self.heads)
+        return self.out_proj(self.head_axes.merge(self.attention(q, k, v, mask)))
 
 
 class CLIPMLP(nn.Cell):

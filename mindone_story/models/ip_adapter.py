@@ -18,7 +18,7 @@ from typing import Any
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
-from ..layers import GELU, LayerNorm, Linear, attention_kernel, split_heads
+from ..layers import GELU, Heads, LayerNorm, Linear, attention_kernel
 
 
 class ImageProjModel(nn.Cell):
@@ -47,15 +47,19 @@ class PerceiverAttention(nn.Cell):
         self.to_kv = Linear(dim, 2 * inner_dim, bias=False)
         self.to_out = Linear(inner_dim, dim, bias=False)
         self.attention = attention_kernel()
+        self.head_axes = Heads()
 
     def construct(self, x: Tensor, latents: Tensor) -> Tensor:
         x, latents = self.norm1(x), self.norm2(latents)
         q = self.to_q(latents)
         k, v = ops.split(self.to_kv(ops.concat((x, latents), 1)), self.to_q.out_features, axis=-1)
         # its q·d^-1/4 @ (k·d^-1/4)^T is softmax(q k^T / sqrt(d)): the one attention function
-        out = self.attention(split_heads(q, self.heads), split_heads(k, self.heads), split_heads(v, self.heads))
-        b, h, s, d = out.shape
-        return self.to_out(out.transpose(0, 2, 1, 3).reshape(b, s, h * d))
+        q, k, v = (
+            self.head_axes.split(q, self.heads),
+            self.head_axes.split(k, self.heads),
+            self.head_axes.split(v, self.heads),
+        )
+        return self.to_out(self.head_axes.merge(self.attention(q, k, v)))
 
 
 class Resampler(nn.Cell):
@@ -160,6 +164,7 @@ class IPAdapter(nn.Cell):
             raise ValueError(f"unknown image projection {info['kind']!r}")
         self.ip_adapter = nn.CellList([cell for _, h in modules for cell in (_NoProcessor(), IPKV(h, ctx))])
         self.heads: tuple[int, ...] | None = None  # each attn2 layer's heads, set by install()
+        self.head_axes = Heads()
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -183,8 +188,8 @@ class IPAdapter(nn.Cell):
         keys, values = (), ()
         for k, h in enumerate(self.heads):
             layer = self.ip_adapter[2 * k + 1]
-            keys += (split_heads(layer.to_k_ip(tokens), h),)
-            values += (split_heads(layer.to_v_ip(tokens), h),)
+            keys += (self.head_axes.split(layer.to_k_ip(tokens), h),)
+            values += (self.head_axes.split(layer.to_v_ip(tokens), h),)
         return keys, values
 
 
