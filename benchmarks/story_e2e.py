@@ -114,18 +114,6 @@ ENCODERS = {
     "bigg": ("image_encoder", "image_encoder_bigg", "ip-adapter_sdxl.safetensors"),
     "vit_h": ("image_encoder_vit_h", "image_encoder_vit_h", "ip-adapter_sdxl_vit-h.safetensors"),
 }
-DIFFUSERS_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline",
-    "_diffusers_version": "0.39.0",
-    "force_zeros_for_empty_prompt": True,
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-}
 
 
 # -- the model folder ---------------------------------------------------------------------------------------------
@@ -173,6 +161,7 @@ def write_model(folder: Path, presets: str, encoders=tuple(ENCODERS)) -> Path:
     from mindone_story.config import preset_dir
     from mindone_story.models.load import parameter_shapes
     from mindone_story.pretrained import build_component, build_ip_adapter
+    from mindone_story.weights import SDXL_MODEL_INDEX
     from mindone_story.weights.safetensors_io import save_safetensors
 
     seed = f"story-e2e-v{MODEL_VERSION}"
@@ -206,7 +195,12 @@ def write_model(folder: Path, presets: str, encoders=tuple(ENCODERS)) -> Path:
             save_safetensors(_fp16_random(shapes, f"{seed}:ip_adapter_{choice}"), target)  # atomic itself
     index = folder / "model_index.json"
     if not index.exists():
-        index.write_text(json.dumps({**DIFFUSERS_INDEX, "_story_e2e": MODEL_VERSION, "_presets": presets}, indent=2))
+        index.write_text(
+            json.dumps(
+                {**SDXL_MODEL_INDEX, "_diffusers_version": "0.39.0", "_story_e2e": MODEL_VERSION, "_presets": presets},
+                indent=2,
+            )
+        )
     return folder
 
 

@@ -35,6 +35,7 @@ from mindone_story.errors import StoryError, main_guard  # noqa: E402
 from mindone_story.models.load import check_state  # noqa: E402
 from mindone_story.pretrained import build_component, build_ip_adapter, check_sdxl  # noqa: E402
 from mindone_story.weights import (  # noqa: E402
+    SDXL_MODEL_INDEX,
     LazyTensor,
     MappedWeights,
     read_image_encoder,
@@ -47,16 +48,6 @@ from mindone_story.weights.safetensors_io import f32_to_bf16_bits  # noqa: E402
 _OUT_DTYPE = {"fp16": ("F16", np.float16), "fp32": ("F32", np.float32), "bf16": ("BF16", np.float32)}
 _FLOAT = {"F16", "F32", "F64", "BF16"}
 _WEIGHTS_NAME = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors"}
-_MODEL_INDEX = {
-    "_class_name": "StableDiffusionXLPipeline",
-    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
 
 
 def parse_size(text: str) -> int:
@@ -130,7 +121,11 @@ def convert(args: argparse.Namespace) -> int:
             configs["scheduler"] = sched
     # --configs fills in for files without their own config; a folder's own config.json wins.
     src, enc = Path(args.input), Path(args.image_encoder or "")
-    own = {k: src / k / ("scheduler_config.json" if k == "scheduler" else "config.json") for k in _MODEL_INDEX}
+    own = {
+        k: src / k / ("scheduler_config.json" if k == "scheduler" else "config.json")
+        for k, v in SDXL_MODEL_INDEX.items()
+        if isinstance(v, list)
+    }
     sdxl_cfgs = {k: v for k, v in configs.items() if k in own and not own[k].is_file()}
     enc_cfg = None if (enc / "config.json").is_file() else configs.get("image_encoder")
     # Read and check everything first, against the models built without parameter memory: a mismatch must stop
@@ -170,7 +165,9 @@ def convert(args: argparse.Namespace) -> int:
             if (src / extra).is_dir():
                 shutil.copytree(src / extra, staging / extra)
         index = (
-            json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else _MODEL_INDEX
+            json.loads((src / "model_index.json").read_text())
+            if (src / "model_index.json").is_file()
+            else SDXL_MODEL_INDEX
         )
         (staging / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         if out.exists():

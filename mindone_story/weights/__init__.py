@@ -13,7 +13,15 @@
 """
 
 from .keymaps import LayoutError, MappedWeights, check, map_keys
-from .layouts import SDXLCheckpoint, open_weights, preset_configs, read_image_encoder, read_ip_adapter, read_sdxl
+from .layouts import (
+    SDXL_MODEL_INDEX,
+    SDXLCheckpoint,
+    open_weights,
+    preset_configs,
+    read_image_encoder,
+    read_ip_adapter,
+    read_sdxl,
+)
 from .safetensors_io import (
     LazyTensor,
     LazyWeights,
@@ -31,6 +39,7 @@ __all__ = [
     "LazyWeights",
     "MappedWeights",
     "SDXLCheckpoint",
+    "SDXL_MODEL_INDEX",
     "SafetensorsFile",
     "ShardedSafetensors",
     "TorchBinFile",

@@ -44,6 +44,7 @@ __all__ = [
     "LayoutError",
     "MappedWeights",
     "SDXLCheckpoint",
+    "SDXL_MODEL_INDEX",
     "UnsafePickleError",
     "WeightFileError",
     "open_weights",
@@ -54,6 +55,18 @@ __all__ = [
 ]
 
 SDXL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# model_index.json of an SDXL pipeline folder, for folders we write (diffusers reads it; we read the components)
+SDXL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "force_zeros_for_empty_prompt": True,
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 _SGM_PREFIX = {
     "unet": "model.diffusion_model.",
     "vae": "first_stage_model.",
