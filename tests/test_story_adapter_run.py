@@ -212,3 +212,22 @@ def test_in_memory_call_equals_the_on_disk_run(tmp_path):
             on_disk = np.asarray(Image.open(tmp_path / "run" / f"round_{r:02d}" / f"panel_{i:03d}.png"))
             assert np.array_equal(np.asarray(image), on_disk), (r, i)
     assert not np.array_equal(np.asarray(rounds[0][0]), np.asarray(rounds[1][0]))  # round 1 saw the references
+
+
+def test_cli_warns_of_every_prompt_past_77_tokens(tmp_path, capsys, monkeypatch):
+    """As run.py: one line per panel whose prompt is cut, one for the negative prompt; nothing is generated here."""
+    from types import SimpleNamespace
+
+    import mindone_story.runs.story_adapter as runs
+
+    monkeypatch.setattr(runs, "generate_story", lambda *a, **k: SimpleNamespace(settings={"rounds": 0, "prompts": []}))
+    long = "a cat " + "walks in the old city at night, " * 12 + "and sleeps"
+    argv = [*SMALL[SMALL.index("--rounds") :], "--output_dir", str(tmp_path / "o")]
+    assert run_story_adapter.main(["--story", "a cat", long, *argv]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    # the tiny tokenizer splits words finely: even the short panel loses the style's closing words
+    assert lines[0] == "warning: panel 0: the prompt passes CLIP's 77 tokens; dropped: 'art, vibrant, highly detailed'"
+    assert lines[1].startswith("warning: panel 1: the prompt passes CLIP's 77 tokens; dropped: '")
+    assert lines[1].endswith("graphic novel art, vibrant, highly detailed'") and "and sleeps" in lines[1]
+    assert len(lines[1]) > 300, lines[1]
+    assert len(lines) == 2, lines  # the negative prompt fits

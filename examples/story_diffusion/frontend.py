@@ -17,6 +17,16 @@ from mindone_story.errors import StoryError
 MODES = {"graph": "graph", "pynative": "pynative", "0": "graph", "1": "pynative"}  # mindone's 0 = GRAPH_MODE
 
 
+def warn_truncation(cut: dict[int, dict[str, str]]) -> None:
+    """Never cut silently: one line per panel whose prompt CLIP's 77 tokens cut, one per negative prompt cut (a
+    pipeline's ``truncation``)."""
+    for i, parts in sorted(cut.items()):
+        if "prompt" in parts:
+            print(f"warning: panel {i}: the prompt passes CLIP's 77 tokens; dropped: {parts['prompt']!r}")
+    for text in sorted({parts["negative_prompt"] for parts in cut.values() if "negative_prompt" in parts}):
+        print(f"warning: the negative prompt passes CLIP's 77 tokens; dropped: {text!r}")
+
+
 def mode(value: str) -> str:
     if value not in MODES:
         raise argparse.ArgumentTypeError(f"choose graph, pynative, 0 (graph) or 1 (pynative), got {value!r}")

@@ -24,7 +24,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from frontend import add_common, add_lora, add_output, add_parallel, check_loras, setup, start_parallel
+from frontend import (
+    add_common,
+    add_lora,
+    add_output,
+    add_parallel,
+    check_loras,
+    setup,
+    start_parallel,
+    warn_truncation,
+)
 
 from mindone_story.checks import BANK_PLACES
 from mindone_story.errors import StoryError, main_guard
@@ -243,12 +252,7 @@ def run(args: argparse.Namespace, world) -> int:
     for recipe in recipes:
         kept_characters.check_model(recipe, models.fingerprint, models.loras)
     pipe = StoryDiffusionPipeline(models, mode=extra["mode"], photomaker=encoder)
-    cut = pipe.truncation(story, settings)  # never cut silently: say what CLIP's 77 tokens leave out
-    for i, parts in sorted(cut.items()):
-        if "prompt" in parts:
-            print(f"warning: panel {i}: the prompt passes CLIP's 77 tokens; dropped: {parts['prompt']!r}")
-    for text in sorted({parts["negative_prompt"] for parts in cut.values() if "negative_prompt" in parts}):
-        print(f"warning: the negative prompt passes CLIP's 77 tokens; dropped: {text!r}")
+    warn_truncation(pipe.truncation(story, settings))
     quiet = args.no_progress or not world.root
     panels = tqdm(total=len(story.panels), desc="panels", disable=quiet, delay=1)
     steps = tqdm(desc="steps", leave=False, disable=quiet, delay=1)

@@ -20,7 +20,16 @@ import secrets
 import sys
 from pathlib import Path
 
-from frontend import add_common, add_lora, add_output, add_parallel, check_loras, setup, start_parallel
+from frontend import (
+    add_common,
+    add_lora,
+    add_output,
+    add_parallel,
+    check_loras,
+    setup,
+    start_parallel,
+    warn_truncation,
+)
 
 from mindone_story.errors import StoryError, main_guard
 from mindone_story.runs import files
@@ -165,6 +174,8 @@ def run(args: argparse.Namespace, world) -> int:
     ip = load_ip_adapter_models(files["ip_ckpt"], files["image_encoder_path"], read_sdxl(base).configs["unet"], dtype)
     models = load_sdxl(base, dtype, loras)
     pipe = StoryAdapterPipeline(models, ip, mode=args.mode)
+    if world.root:
+        warn_truncation(pipe.truncation(settings))
     print(f"seed {settings.seed}, {len(settings.prompts)} panels, {settings.rounds} rounds -> {out}", flush=True)
     bar = tqdm(
         total=len(settings.prompts) * (settings.rounds + 1),

@@ -124,6 +124,19 @@ class StoryAdapterPipeline:
             self._embeds[prompt] = self.sdxl.encode_prompts([prompt], [NEGATIVE_PROMPT], chunks)
         return self._embeds[prompt]
 
+    def truncation(self, settings: StoryAdapterSettings) -> dict[int, dict[str, str]]:
+        """As ``StoryDiffusionPipeline.truncation``: {panel: {"prompt" / "negative_prompt": the text CLIP's 77 tokens
+        drop}}, only where something is dropped (nothing with ``long_prompts``)."""
+        if settings.long_prompts:
+            return {}
+        negative = self.sdxl.dropped_text([NEGATIVE_PROMPT])[0]
+        cut = {}
+        for i, text in enumerate(self.sdxl.dropped_text(settings.model_prompts)):
+            parts = {**({"prompt": text} if text else {}), **({"negative_prompt": negative} if negative else {})}
+            if parts:
+                cut[i] = parts
+        return cut
+
     def noise(self, settings: StoryAdapterSettings) -> np.ndarray:
         """The one initial noise of a run: every panel of every round starts from it."""
         return self.sdxl.initial_noise(settings.seed, 1, settings.height, settings.width)
