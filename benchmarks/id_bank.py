@@ -4,7 +4,7 @@ The bank holds, per id image, step (after the first) and up-block self-attention
 CFG halves: ``bank_bytes`` in ``processors/id_bank.py``, the one formula that the memory check uses and that
 ``tests/test_id_bank.py`` checks against a real bank. This script evaluates it on the full SDXL UNet (built lazily:
 no parameter memory), next to the layout before issue 18 (fp32, step 0 banked too), the model's own parameter bytes
-and the activation lower bound of one call (``checks.least_memory``, math attention on CPU), and says where the
+and the activation lower bound of one call (``checks.least_memory``, for this machine's attention), and says where the
 ``auto`` placement would put the bank on a machine with ``--memory_gb`` available.
 
     python benchmarks/id_bank.py                          # 4 id images, 50 steps, sa32 = sa64 = 0.5, 24 GB
@@ -20,6 +20,7 @@ import mindspore as ms
 
 from mindone_story import checks
 from mindone_story.config import preset_dir
+from mindone_story.layers import holds_scores
 from mindone_story.models.unet import up_level_tokens
 from mindone_story.pretrained import build_component
 from mindone_story.processors.consistent import install
@@ -61,7 +62,7 @@ def main() -> None:
     )
     print()
     print(
-        "| size | bank before (fp32, all steps) | bank fp32 | bank fp16/bf16 | activations (math, batch ids) | "
+        "| size | bank before (fp32, all steps) | bank fp32 | bank fp16/bf16 | activations (lower bound, batch ids) | "
         f"fp32 total in memory | auto on {args.memory_gb:g} GB |"
     )
     print("|---|---|---|---|---|---|---|")
@@ -73,7 +74,7 @@ def main() -> None:
         old = bank_bytes(processors, tokens, rates, args.ids, args.steps + 1, ms.float32)  # step 0 banked too
         fp32 = bank_bytes(processors, tokens, rates, args.ids, args.steps, ms.float32)
         half = bank_bytes(processors, tokens, rates, args.ids, args.steps, ms.float16)
-        act, _ = checks.least_memory(unet_cfg, vae_cfg, px, px, args.ids, scores_in_memory=True)
+        act, _ = checks.least_memory(unet_cfg, vae_cfg, px, px, args.ids, holds_scores(ms.float32))
         total = fp32_model + fp32 + act
         have = args.memory_gb * GB - fp32_model
         place = "memory" if fp32 + act <= 0.9 * have else "disk"

@@ -105,6 +105,13 @@ def fused_cpu() -> bool:
     return not backend().ascend and cpu_kernels.library() is not None
 
 
+def holds_scores(dtype: ms.Type) -> bool:
+    """Whether an attention call built now in ``dtype``, unmasked or key-masked (the UNet's), holds its [B, H, Sq, Sk]
+    scores: the composed math ops do; the fused CPU kernel (fp32) and FlashAttentionScore do not. For the memory
+    checks."""
+    return backend().attention == "math" and not (fused_cpu() and dtype == ms.float32)
+
+
 def _kind() -> str:
     return "ascend" if backend().ascend else "fused" if fused_cpu() else "composed"
 

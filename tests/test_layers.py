@@ -231,6 +231,26 @@ def test_swap_axes_matches_reference(path, mode, shape):
     assert np.array_equal(run(cell, mode, x), np.swapaxes(x, 1, 2))
 
 
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+def test_memory_check_counts_scores_where_attention_holds_them(path):
+    """The fused kernel holds no [B, H, Sq, Sk] scores, so at 1024 px and 8 id images the bound is the VAE's (a
+    composed path would hold 10.7 GB of scores at the finest attention level and refuse on a small machine)."""
+    import json
+
+    from mindone_story import checks
+    from mindone_story.config import UNetConfig, VAEConfig, preset_dir
+
+    unet = UNetConfig.from_dict(json.loads((preset_dir("sdxl") / "unet" / "config.json").read_text()))
+    vae = VAEConfig.from_dict(json.loads((preset_dir("sdxl") / "vae" / "config.json").read_text()))
+    assert layers.holds_scores(ms.float16)  # no fused kernel in fp16
+    assert layers.holds_scores(ms.float32) == (path == "composed")
+    need, what = checks.least_memory(unet, vae, 1024, 1024, 8, layers.holds_scores(ms.float32))
+    if path == "fused":
+        assert what.startswith("the VAE") and need == 2 * 4 * 128 * 1024 * 1024
+    else:
+        assert what.startswith("the attention scores") and need == 2 * 8 * 10 * 4096**2 * 4
+
+
 def test_kernels_fall_back_with_a_warning_without_a_compiler(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_built", cpu_kernels._UNBUILT)
     monkeypatch.setenv("CXX", "no-such-compiler-here")

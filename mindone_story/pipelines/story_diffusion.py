@@ -231,7 +231,7 @@ class StoryDiffusionPipeline:
         """Refuse, before any work, a story whose largest batch or whose id bank cannot fit in the host's memory
         (CPU), or in ``bank_dir``'s disk, or reference photos (``RefPhotos``) it cannot use. Returns per panel the
         character whose photos it uses, and where the id bank goes (``checks.bank_place``)."""
-        from ..layers import backend
+        from ..layers import holds_scores
 
         uses: list[str | None] = [None] * len(story.panels)
         if photos is not None:
@@ -248,7 +248,7 @@ class StoryDiffusionPipeline:
         ids = [len(v) for v in story.id_panels.values()] + [0]
         batch = max(settings.window or max(ids), settings.read_batch if story.other_indices else 0, 1)
         unet, vae = self.unet.config, self.sdxl.models.vae.config
-        scores = backend().attention == "math"
+        scores = holds_scores(self.sdxl.dtype)
         checks.fits(unet, vae, settings.height, settings.width, batch, scores_in_memory=scores)
         activations, _ = checks.least_memory(unet, vae, settings.height, settings.width, batch, scores)
         return uses, checks.bank_place(self.bank_size(story, settings), activations, bank, bank_dir)
