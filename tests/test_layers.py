@@ -223,6 +223,22 @@ def test_masked_attention_matches_reference(path, mode, mask_shape):
 
 @pytest.mark.parametrize("path", PATHS, indirect=True)
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_masked_keys_weigh_exactly_nothing(path, mode):
+    """A dropped key's probability is 0, not the ~1e-40 that exp's floor and the division leave (subnormals, which
+    made the kernel's product with V 20x slower): values of 3e38 on the dropped keys do not reach the output."""
+    rng = np.random.default_rng(10)
+    q, k = rng.standard_normal((2, 3, 6, 8)).astype(np.float32), rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
+    v = rng.standard_normal((2, 3, 40, 8)).astype(np.float32)
+    v[:, :, :30] = 3e38  # the dropped keys: the first 30 of each row, as the gathered pool of a closed gate
+    mask = np.zeros((2, 1, 1, 40), np.float32)
+    mask[..., :30] = -1e9
+    out = run(layers.MathAttention(), mode, q, k, v, mask)
+    ref = _attention(*(x.astype(np.float64) for x in (q, k[:, :, 30:], v[:, :, 30:])))
+    assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("path", PATHS, indirect=True)
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 3), (1, 40, 33, 64), (3, 33, 65), (2, 1, 9)])  # odd sizes cross tiles
 def test_swap_axes_matches_reference(path, mode, shape):
     x = np.random.default_rng(9).standard_normal(shape).astype(np.float32)
