@@ -25,7 +25,7 @@ MemAvailable falls below ``--min_avail_gb``, and the result says "killed at N GB
     python benchmarks/story_step.py --config tiny --latent 32 --runs 15 --rounds 3
     python benchmarks/story_step.py --config mid --latent 48 --runs 5 --rounds 2
     python benchmarks/story_step.py --config sdxl --latent 32 --runs 3 --rounds 1
-    python benchmarks/story_step.py --config sdxl --latent 64 --variants read --runs 4 --warmup 1 --max_rss_gb 21
+    python benchmarks/story_step.py --config sdxl --latent 64 --variants read --runs 4 --max_rss_gb 21 --min_avail_gb 1
 
 Configs: ``tiny`` (the built-in tiny preset), ``mid`` (SDXL's layout, 36 consistent layers, 5/10/20 heads, with the
 channels halved: 160/320/640, about 0.68 B parameters), ``sdxl`` (the SDXL preset), or a path to a UNet config.json.
