@@ -303,9 +303,9 @@ int attention(int nparam, void **params, int *ndims, int64_t **shapes, const cha
           row[i] = exp_f32(row[i] - top);
           sum += row[i];
         }
-        // Masked keys leave exp(-87) ~ 1.6e-38, which the division would make subnormal; computing or multiplying
-        // subnormals is slow (an SDXL sa64 read layer took 5.7 s, not 0.22 s: benchmarks/masked_attention.py). Those
-        // probabilities become 0 before the division, a change below 1.2e-38.
+        // Masked keys leave exp(-87) ~ 1.6e-38, which the division would make subnormal, and subnormals are slow to
+        // compute and multiply (an SDXL sa64 read layer on standard-normal inputs took 5.7 s, not 0.22 s:
+        // benchmarks/masked_attention.py). Those probabilities become 0 first, a change below 1.2e-38.
         const float inv = 1.0f / sum, least = std::numeric_limits<float>::min() * sum;
 #pragma omp simd
         for (int64_t i = 0; i < sk; ++i) {
