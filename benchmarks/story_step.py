@@ -148,12 +148,10 @@ def child_main(args) -> dict:
         return ms.mutable((Tensor(np.zeros(len(processors), np.float32)),) + tuple(story[1:]))
 
     bank = IdBank()
-    phases, captures = {}, {}
+    phases = {}
 
     def new_phase(name, seed, images, write_as, reads, **kw):
         phases[name] = Phase(processors, tokens, rates, draws(seed, images), bank, write_as, reads, **kw)
-        # phases share the processors: each phase's capture Parameters (one per shape) are put back before its calls
-        captures[name] = [tuple(p.capture.shape) for p in processors]
 
     new_phase("write", 1, n, "A", [[] for _ in range(n)])
     first = {}
@@ -171,11 +169,6 @@ def child_main(args) -> dict:
     report["gather_width"] = {k: p.gather_width for k, p in phases.items()}
     report["bank_bytes_per_step"] = bank.nbytes() or None  # the n id images' bank at one step (step 1)
 
-    def activate(name):
-        for proc, shape in zip(processors, captures[name]):
-            if tuple(proc.capture.shape) != shape:
-                proc.new_capture(shape)
-
     # timed consistent calls: name -> (phase, gates closed), each against the plain step at its batch
     timed = {v: (v, False) for v in variants}
     if "read" in variants:
@@ -192,7 +185,7 @@ def child_main(args) -> dict:
     def consistent(name):
         phase_name, shut = timed[name]
         phase = phases[phase_name]
-        activate(phase_name)
+        phase.use_captures()  # the phases share the processors: each sizes their capture Parameters for its calls
         t0 = time.perf_counter()
         story = phase.inputs(1)
         story = closed(story) if shut else story
@@ -215,7 +208,7 @@ def child_main(args) -> dict:
     # checks: consistent attention changes the output; with every gate closed it equals the plain step
     checks = {f"{name}_vs_{BASELINE[name]}_rel_diff": rel_diff(outs[name], plain_out[BASELINE[name]]) for name in timed}
     if "plain" in plains:
-        activate("write")
+        phases["write"].use_captures()
         checks["gates_closed_vs_plain_rel_diff"] = rel_diff(
             call(closed(phases["write"].inputs(1)))[1], plain_out["plain"]
         )

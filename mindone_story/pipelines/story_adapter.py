@@ -132,7 +132,11 @@ class StoryAdapterPipeline:
         negative = self.sdxl.dropped_text([NEGATIVE_PROMPT])[0]
         cut = {}
         for i, text in enumerate(self.sdxl.dropped_text(settings.model_prompts)):
-            parts = {**({"prompt": text} if text else {}), **({"negative_prompt": negative} if negative else {})}
+            parts = {}
+            if text:
+                parts["prompt"] = text
+            if negative:
+                parts["negative_prompt"] = negative
             if parts:
                 cut[i] = parts
         return cut

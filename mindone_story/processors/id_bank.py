@@ -165,7 +165,13 @@ class Phase:
         for level, counts in enumerate(self.counts):
             if counts.size and counts.max() > self.sample_width[level]:
                 raise ValueError(f"a token draw of {counts.max()} exceeds the fixed width {self.sample_width[level]}")
-        set_capture_shapes(processors, [self.n * w for w in self.sample_width] if write_as else [1] * len(tokens))
+        self.use_captures()
+
+    def use_captures(self) -> None:
+        """Size the processors' capture Parameters for this phase (done when it is made; again after another phase
+        on the same processors, whose shapes differ)."""
+        counts = [self.n * w for w in self.sample_width] if self.write_as else [1] * len(self.tokens)
+        set_capture_shapes(self.processors, counts)
 
     def _banked(self, char: str, step: int, layer: int) -> list[np.ndarray]:
         images = self.bank.images(char, step, layer)
