@@ -112,6 +112,7 @@ def child_env(isa: str = "default") -> dict:
     since the library's CPU convolution became a MatMul (layers.Conv2d), and the cap halves MatMul speed on
     AVX-512 CPUs."""
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env.setdefault("MINDONE_STORY_GRAPH_CACHE", "0")  # every run compiles, as a first run does (export it to differ)
     if isa != "default":
         env["ONEDNN_MAX_CPU_ISA"] = isa
     return env

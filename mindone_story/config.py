@@ -8,6 +8,7 @@ under ``mindone_story/presets/`` so that the PyTorch fixture scripts read exactl
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -15,6 +16,11 @@ from typing import Any, TypeVar
 PRESETS = Path(__file__).parent / "presets"
 
 T = TypeVar("T")
+
+
+def default_cache_dir() -> Path:
+    """The library's cache: built models, tokenizers, fused kernels, compiled graphs (``MINDONE_STORY_CACHE``)."""
+    return Path(os.environ.get("MINDONE_STORY_CACHE") or Path.home() / ".cache" / "mindone_story")
 
 
 def _from_dict(cls: type[T], raw: dict[str, Any]) -> T:

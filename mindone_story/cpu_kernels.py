@@ -21,6 +21,8 @@ from pathlib import Path
 import mindspore
 from mindspore import ops
 
+from .config import default_cache_dir
+
 _SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 _FLAGS = ["-std=c++17", "-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 # SGEMM comes from the oneDNN that MindSpore ships (already loaded in the process; the rpath finds the same file).
@@ -31,8 +33,7 @@ _built: object = _UNBUILT  # path of the library, or None once a build was refus
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("MINDONE_STORY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mindone_story")
-    return Path(root) / "cpu_kernels"
+    return default_cache_dir() / "cpu_kernels"
 
 
 def _cpu_flags() -> str:

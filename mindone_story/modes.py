@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from collections.abc import Callable
 
 import mindspore as ms
 
+from . import graph_cache
 from .errors import StoryError
 
 MODES = ("graph", "pynative")
@@ -19,9 +21,16 @@ def compiled(fn: Callable, mode: str) -> Callable:
     if mode == "pynative":
         return fn
     jitted = ms.jit(fn)
+    compiled_for = set()  # input signatures this function has compiled for (a new one compiles, through the cache)
 
     def call(*args):
-        out = jitted(*args)
+        signature = json.dumps(graph_cache.signature(args))
+        if signature in compiled_for:
+            out = jitted(*args)
+        else:
+            with graph_cache.entry(fn, args):
+                out = jitted(*args)
+            compiled_for.add(signature)
         _give_ctrl_c_back()
         return out
 

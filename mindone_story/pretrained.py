@@ -21,7 +21,7 @@ import mindspore as ms
 import numpy as np
 from mindspore.nn.utils import no_init_parameters
 
-from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, preset_dir
+from .config import CLIPTextConfig, CLIPVisionConfig, UNetConfig, VAEConfig, default_cache_dir, preset_dir
 from .layers import compute_dtype
 from .models.clip import CLIPTextModel, CLIPVisionModelWithProjection
 from .models.ip_adapter import IPAdapter, attn2_layers
@@ -46,10 +46,6 @@ class SDXLModels:
     fingerprint: str
     ignored: dict[str, list[str]] = field(default_factory=dict)
     loras: list[dict[str, Any]] = field(default_factory=list)  # path, scale, fingerprint, layouts of each LoRA
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("MINDONE_STORY_CACHE", Path.home() / ".cache" / "mindone_story"))
 
 
 # -- building and loading -----------------------------------------------------------------------------------------

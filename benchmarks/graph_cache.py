@@ -1,0 +1,136 @@
+"""The on-disk graph cache (``mindone_story.graph_cache``): one UNet step's first call, in fresh processes, with the
+cache off, cold (empty: compile and save) and warm (load), and the second call of each.
+
+Each case runs in its own child, in the order off, cold, warm, ``--rounds`` times (the cold case starts from an
+empty directory each round). The UNet has deterministic random weights (``benchmarks/common.LazyRandomWeights``) and
+runs through ``mindone_story.modes.compiled``, as the pipelines call it; batch 2 (CFG), one step. Reports per case
+the median first call (compile or load, and the step), second call (the step alone), the child's peak RSS, and
+whether the outputs of all cases are equal (they must be: bit for bit).
+
+    python benchmarks/graph_cache.py --config tiny --latent 32 --rounds 3
+    python benchmarks/graph_cache.py --config sdxl --latent 64 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import GB, ROOT, LazyRandomWeights, child_env, cpu_model, source_revision
+
+CASES = ("off", "cold", "warm")
+
+
+def child(args) -> dict:
+    import mindspore as ms
+    from mindspore import Tensor
+
+    from mindone_story.layers import set_device
+
+    set_device("CPU")
+    ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
+    from mindone_story.models.load import load_state, parameter_shapes
+    from mindone_story.modes import compiled
+    from mindone_story.pretrained import build_component
+
+    config = json.loads((ROOT / "mindone_story" / "presets" / args.config / "unet" / "config.json").read_text())
+    unet = build_component("unet", config)
+    unet.set_train(False)
+    load_state(unet, LazyRandomWeights(parameter_shapes(unet), "graph-cache-benchmark"), "random weights")
+    rng, latent, batch = np.random.default_rng(0), args.latent, 2
+    add = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    size = float(8 * latent)
+    inputs = (
+        Tensor(rng.standard_normal((batch, config["in_channels"], latent, latent)).astype(np.float32)),
+        Tensor(np.array([500.0], np.float32)),
+        Tensor(rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32)),
+        Tensor(rng.standard_normal((batch, add)).astype(np.float32)),
+        Tensor(np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (batch, 1))),
+    )
+    step = compiled(unet.construct, "graph")
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        out = step(*inputs).asnumpy()
+        times.append(time.perf_counter() - t0)
+    np.save(args.output, out)
+    return {
+        "first_s": times[0],
+        "second_s": times[1],
+        "maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=["tiny", "sdxl"], default="tiny")
+    p.add_argument("--latent", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument(
+        "--out", default=None, help="JSON result (default benchmarks/results/graph_cache_<config>_<latent>.json)"
+    )
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--output", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+
+    work = Path(tempfile.mkdtemp(prefix="graph_cache_"))
+    runs = {c: [] for c in CASES}
+    equal = True
+    for r in range(args.rounds):
+        shutil.rmtree(work / "graphs", ignore_errors=True)
+        for case in CASES:
+            env = child_env()
+            env["MINDONE_STORY_GRAPH_CACHE"] = "0" if case == "off" else str(work / "graphs")
+            out = work / f"{case}.npy"
+            cmd = [sys.executable, __file__, "--child", "--config", args.config, "--latent", str(args.latent)]
+            done = subprocess.run([*cmd, "--output", str(out)], env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(done.stderr[-3000:])
+                return 1
+            runs[case].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            equal = equal and np.array_equal(np.load(out), np.load(work / "off.npy"))
+            print(f"round {r + 1} {case}: " + ", ".join(f"{k} {v:.4g}" for k, v in runs[case][-1].items()), flush=True)
+    med = {c: {k: statistics.median(x[k] for x in runs[c]) for k in runs[c][0]} for c in CASES}
+    res = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "source": source_revision(),
+        "config": args.config,
+        "latent": args.latent,
+        "rounds": args.rounds,
+        "outputs_equal": equal,
+        "median": med,
+        "runs": runs,
+    }
+    dest = Path(args.out or ROOT / "benchmarks" / "results" / f"graph_cache_{args.config}_{args.latent}.json")
+    dest.write_text(json.dumps(res, indent=2))
+    print(
+        f"\n{res['date']}, {cpu_model()}, source {res['source']}; {args.config} UNet, latent {args.latent}, batch 2\n"
+    )
+    print("| cache | first call s | second call s | first / off | peak RSS GB |\n|---|---|---|---|---|")
+    for c in CASES:
+        m = med[c]
+        print(
+            f"| {c} | {m['first_s']:.2f} | {m['second_s']:.2f} | {m['first_s'] / med['off']['first_s']:.2f} | "
+            f"{m['maxrss'] / GB:.2f} |"
+        )
+    print(f"\noutputs of all cases bit-equal: {equal}\nJSON: {dest}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
