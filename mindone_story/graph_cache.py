@@ -17,7 +17,8 @@ see is Python state outside the cell tree that a ``construct`` reads at trace ti
 attribute of a helper object that is neither a cell nor a dataclass, described by its type alone): the library keeps
 none (tests/test_graph_cache.py checks every compiled cell of the pipelines), and ``MINDONE_STORY_GRAPH_CACHE=0``
 switches the cache off. Two runs saving the same graph at the same time can leave a broken file: MindSpore then logs
-"Load MindIR file failed", compiles, and writes the file again. ``MINDONE_STORY_GRAPH_CACHE=DIR`` puts it in DIR; the default is ``<cache>/graphs``.
+"Load MindIR file failed", compiles, and writes the file again. ``MINDONE_STORY_GRAPH_CACHE=DIR`` puts it in DIR; the default is ``<cache>/graphs`` (off on an NPU unless
+a directory is named: see ``directory``).
 """
 
 from __future__ import annotations
@@ -39,15 +40,18 @@ from mindspore import nn
 from mindspore.ops import Primitive
 
 from .config import default_cache_dir
+from .layers import backend
 
 ENV = "MINDONE_STORY_GRAPH_CACHE"
 _CELL_BASE = frozenset(vars(nn.Cell()))  # MindSpore's own bookkeeping on every cell (ids, creation times, hooks)
 
 
 def directory() -> Path | None:
-    """Where compiled graphs are kept, or None when the cache is off."""
+    """Where compiled graphs are kept, or None when the cache is off. On by default where it was measured (CPU, and
+    the emulated Ascend backend, which runs on CPU); on an NPU only if ``MINDONE_STORY_GRAPH_CACHE`` names a directory,
+    as no NPU run has checked MindSpore's cache there."""
     value = os.environ.get(ENV, "")
-    if value == "0":
+    if value == "0" or (not value and backend().device == "Ascend"):
         return None
     return Path(value) if value else default_cache_dir() / "graphs"
 
@@ -138,8 +142,6 @@ def signature(value):
 
 def key(fn: Callable, args: tuple) -> str:
     """The name of ``fn``'s graph for these inputs: equal keys mean the same compiled graph."""
-    from .layers import backend
-
     owner = getattr(fn, "__self__", None)
     whole = {
         "mindspore": ms.__version__,
