@@ -65,7 +65,7 @@ def _library_source() -> str:
     return digest.hexdigest()
 
 
-def describe(value, depth: int = 0):
+def describe(value, depth: int = 0, seen: set | None = None):
     """A JSON-able description of a value as a graph would freeze it (never an address or an id)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
@@ -82,23 +82,25 @@ def describe(value, depth: int = 0):
         return ["scalar", str(value.dtype), repr(value.item())]
     if isinstance(value, (tuple, list)):
         return [type(value).__name__, bool(getattr(value, "__ms_mutable__", False))] + [
-            describe(v, depth + 1) for v in value
+            describe(v, depth + 1, seen) for v in value
         ]
     if isinstance(value, dict):
         return ["dict"] + [
-            [str(k), describe(v, depth + 1)] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+            [str(k), describe(v, depth + 1, seen)] for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
         ]
-    if isinstance(value, nn.Cell):  # walked on its own by cell_tree; here only which cell it is
-        return ["cell", _qualname(type(value))]
+    if isinstance(value, nn.Cell):  # a cell of the tree being walked: which one; any other (a plain list's): in full
+        if seen is None or id(value) in seen:
+            return ["cell", _qualname(type(value))]
+        return ["cell", _qualname(type(value)), cell_tree(value, seen)]
     if isinstance(value, Primitive):
-        attrs = {k: describe(v, depth + 1) for k, v in sorted(value.attrs.items())}
+        attrs = {k: describe(v, depth + 1, seen) for k, v in sorted(value.attrs.items())}
         func = getattr(value, "func", None)  # ops.Custom: the kernel library path and function name
         return ["primitive", _qualname(type(value)), value.name, attrs, func if isinstance(func, str) else None]
     if isinstance(value, types.MethodType):
         return ["method", _qualname(type(value.__self__)), value.__func__.__qualname__]
     if isinstance(value, (types.FunctionType, types.BuiltinFunctionType, functools.partial, type)):
         if isinstance(value, functools.partial):
-            return ["partial", describe(value.func, depth + 1), describe(value.args, depth + 1)]
+            return ["partial", describe(value.func, depth + 1, seen), describe(value.args, depth + 1, seen)]
         return ["function", getattr(value, "__module__", None), getattr(value, "__qualname__", repr(value))]
     if isinstance(value, PurePath):
         return ["path", str(value)]
@@ -107,7 +109,7 @@ def describe(value, depth: int = 0):
     if isinstance(value, ms.dtype.Type):
         return ["dtype", str(value)]
     if dataclasses.is_dataclass(value) and depth < 4:
-        fields = {f.name: describe(getattr(value, f.name), depth + 1) for f in dataclasses.fields(value)}
+        fields = {f.name: describe(getattr(value, f.name), depth + 1, seen) for f in dataclasses.fields(value)}
         return ["dataclass", _qualname(type(value)), fields]
     return ["object", _qualname(type(value))]
 
@@ -116,11 +118,15 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def cell_tree(cell: nn.Cell) -> list:
-    """Every cell under ``cell``: its name, type, train flag, own attributes, Primitives and Parameters."""
+def cell_tree(cell: nn.Cell, seen: set | None = None) -> list:
+    """Every cell under ``cell``: its name, type, train flag, own attributes, Primitives and Parameters. A cell held
+    outside the tree (in a plain list, which MindSpore does not register) is walked where it is found."""
+    cells = list(cell.cells_and_names())
+    seen = set() if seen is None else seen
+    seen.update(id(sub) for _, sub in cells)
     out = []
-    for name, sub in cell.cells_and_names():
-        attrs = {k: describe(v) for k, v in sorted(vars(sub).items()) if k not in _CELL_BASE}
+    for name, sub in cells:
+        attrs = {k: describe(v, 0, seen) for k, v in sorted(vars(sub).items()) if k not in _CELL_BASE}
         params = [[k, describe(p)] for k, p in sub._params.items() if p is not None]  # noqa: SLF001
         prims = [[k, describe(p)] for k, p in sub._primitives.items()]  # noqa: SLF001
         buffers = [[k, describe(b)] for k, b in sorted(getattr(sub, "_buffers", {}).items())]  # noqa: SLF001

@@ -35,6 +35,17 @@ class Net(nn.Cell):
         return x * self.scale
 
 
+class Holder(nn.Cell):
+    """Holds a cell in a plain list, which MindSpore does not register as a sub-cell; construct still calls it."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.held = [Net(scale=scale)]
+
+    def construct(self, x):
+        return self.held[0](x)
+
+
 def x(n=3, dtype=np.float32):
     return Tensor(np.ones((1, n), dtype))
 
@@ -60,6 +71,8 @@ def test_the_key_names_everything_that_shapes_the_graph_and_nothing_else():
         "a plain tuple": graph_cache.key(Net().construct, ((x(),),)),
         "a constant input": graph_cache.key(Net().construct, (x(), 2.0)),
         "None": graph_cache.key(Net().construct, (x(), None)),
+        "a cell outside the tree": graph_cache.key(Holder(1.0).construct, (x(),)),
+        "its attribute": graph_cache.key(Holder(2.0).construct, (x(),)),
     }
     assert base not in differ.values()
     assert len(set(differ.values())) == len(differ), differ
