@@ -252,7 +252,8 @@ def run(args: argparse.Namespace, world) -> int:
     for recipe in recipes:
         kept_characters.check_model(recipe, models.fingerprint, models.loras)
     pipe = StoryDiffusionPipeline(models, mode=extra["mode"], photomaker=encoder)
-    warn_truncation(pipe.truncation(story, settings))
+    if world.root:  # one warning per cut prompt for the job, not one per rank (as the Story-Adapter runner)
+        warn_truncation(pipe.truncation(story, settings))
     quiet = args.no_progress or not world.root
     panels = tqdm(total=len(story.panels), desc="panels", disable=quiet, delay=1)
     steps = tqdm(desc="steps", leave=False, disable=quiet, delay=1)
