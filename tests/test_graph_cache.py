@@ -207,3 +207,14 @@ def test_where_the_cache_lives_and_when_it_is_off(monkeypatch, tmp_path):
     monkeypatch.undo()
     monkeypatch.setenv(graph_cache.ENV, "0")
     assert graph_cache.directory() is None
+
+
+def test_a_cache_that_cannot_be_written_means_a_plain_compile(monkeypatch, tmp_path):
+    from mindone_story.modes import compiled
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv(graph_cache.ENV, str(blocker / "graphs"))
+    out = compiled(Net(scale=2.0).other, "graph")(x())
+    assert np.array_equal(out.asnumpy(), np.full((1, 3), 2.0, np.float32))
+    assert not ms.get_context("enable_compile_cache")
