@@ -16,8 +16,7 @@ Only a cell's methods are cached (a plain function's globals and closures are no
 see is Python state outside the cell tree that a ``construct`` reads at trace time (a mutable module global, an
 attribute of a helper object that is neither a cell nor a dataclass, described by its type alone): the library keeps
 none (tests/test_graph_cache.py checks every compiled cell of the pipelines), and ``MINDONE_STORY_GRAPH_CACHE=0``
-switches the cache off; ``MINDONE_STORY_GRAPH_CACHE=DIR`` puts it in DIR (default ``<cache>/graphs``; off on an NPU
-unless a directory is named: see ``directory``). A directory that cannot be made means a compile without the cache.
+is the default (off); ``=1`` keeps graphs in ``<cache>/graphs``, ``=DIR`` in DIR. Opt-in for now: see ``directory``. A directory that cannot be made means a compile without the cache.
 Two runs saving the same graph at the same time can leave a broken file: MindSpore then logs "Load MindIR file
 failed", compiles, and writes the file again.
 """
@@ -48,13 +47,14 @@ _CELL_BASE = frozenset(vars(nn.Cell()))  # MindSpore's own bookkeeping on every 
 
 
 def directory() -> Path | None:
-    """Where compiled graphs are kept, or None when the cache is off. On by default where it was measured (CPU, and
-    the emulated Ascend backend, which runs on CPU); on an NPU only if ``MINDONE_STORY_GRAPH_CACHE`` names a directory,
-    as no NPU run has checked MindSpore's cache there."""
+    """Where compiled graphs are kept, or None when the cache is off: **off unless** ``MINDONE_STORY_GRAPH_CACHE``
+    names a directory (``1``: ``<cache>/graphs``). In the demo's browser test a warm cache gave PhotoMaker's id
+    encoder a graph whose output shape was not its own (a RuntimeError in the next op, in a long-running server that
+    had served other stories first); the cause is not found, so the cache stays opt-in until it is."""
     value = os.environ.get(ENV, "")
-    if value == "0" or (not value and backend().device == "Ascend"):
+    if value in ("", "0"):
         return None
-    return Path(value) if value else default_cache_dir() / "graphs"
+    return default_cache_dir() / "graphs" if value == "1" else Path(value)
 
 
 @functools.lru_cache(maxsize=1)
