@@ -140,3 +140,40 @@ class LazyRandomWeights(LazyWeights):
         for key in sorted(self.crc):
             digest = zlib.crc32(f"{key}:{self.crc[key]}".encode(), digest)
         return f"{digest:08x}"
+
+
+def random_unet(preset: str, seed_text: str):
+    """A UNet of a preset ("tiny", "sdxl") on CPU with deterministic random weights, as the pipelines build it; returns
+    (unet, its config dict). Imports MindSpore (MindSpore children only)."""
+    import json
+
+    import mindspore as ms
+
+    from mindone_story.layers import set_device
+
+    set_device("CPU")
+    ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
+    from mindone_story.models.load import load_state, parameter_shapes
+    from mindone_story.pretrained import build_component
+
+    config = json.loads((ROOT / "mindone_story" / "presets" / preset / "unet" / "config.json").read_text())
+    unet = build_component("unet", config)
+    unet.set_train(False)
+    load_state(unet, LazyRandomWeights(parameter_shapes(unet), seed_text), "random weights")
+    return unet, config
+
+
+def unet_inputs(config: dict, latent: int, batch: int, seed: int) -> tuple:
+    """One UNet call's positional inputs at timestep 500: random latents, text context and pooled embeds (seeded)."""
+    from mindspore import Tensor
+
+    rng = np.random.default_rng(seed)
+    add = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    size = float(8 * latent)
+    return (
+        Tensor(rng.standard_normal((batch, config["in_channels"], latent, latent)).astype(np.float32)),
+        Tensor(np.array([500.0], np.float32)),
+        Tensor(rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32)),
+        Tensor(rng.standard_normal((batch, add)).astype(np.float32)),
+        Tensor(np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (batch, 1))),
+    )

@@ -28,37 +28,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import GB, ROOT, LazyRandomWeights, child_env, cpu_model, source_revision
+from common import GB, ROOT, child_env, cpu_model, random_unet, source_revision, unet_inputs
 
 CASES = ("off", "cold", "warm")
 
 
 def child(args) -> dict:
-    import mindspore as ms
-    from mindspore import Tensor
-
-    from mindone_story.layers import set_device
-
-    set_device("CPU")
-    ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
-    from mindone_story.models.load import load_state, parameter_shapes
     from mindone_story.modes import compiled
-    from mindone_story.pretrained import build_component
 
-    config = json.loads((ROOT / "mindone_story" / "presets" / args.config / "unet" / "config.json").read_text())
-    unet = build_component("unet", config)
-    unet.set_train(False)
-    load_state(unet, LazyRandomWeights(parameter_shapes(unet), "graph-cache-benchmark"), "random weights")
-    rng, latent, batch = np.random.default_rng(0), args.latent, 2
-    add = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    size = float(8 * latent)
-    inputs = (
-        Tensor(rng.standard_normal((batch, config["in_channels"], latent, latent)).astype(np.float32)),
-        Tensor(np.array([500.0], np.float32)),
-        Tensor(rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32)),
-        Tensor(rng.standard_normal((batch, add)).astype(np.float32)),
-        Tensor(np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (batch, 1))),
-    )
+    unet, config = random_unet(args.config, "graph-cache-benchmark")
+    inputs = unet_inputs(config, args.latent, 2, 0)
     step = compiled(unet.construct, "graph")
     times = []
     for _ in range(args.calls):

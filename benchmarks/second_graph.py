@@ -9,13 +9,11 @@ and process CPU seconds and minor page faults, and the RSS.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
 
-import numpy as np
-from common import GB, ROOT, LazyRandomWeights, rss_bytes
+from common import GB, random_unet, rss_bytes, unet_inputs
 
 
 def main() -> int:
@@ -27,31 +25,11 @@ def main() -> int:
     args = p.parse_args()
 
     import mindspore as ms
-    from mindspore import Tensor
 
-    from mindone_story.layers import set_device
-
-    set_device("CPU")
-    ms.runtime.launch_blocking()  # as examples/story_diffusion/run.py
-    from mindone_story.models.load import load_state, parameter_shapes
-    from mindone_story.pretrained import build_component
-
-    config = json.loads((ROOT / "mindone_story" / "presets" / args.config / "unet" / "config.json").read_text())
-    unet = build_component("unet", config)
-    unet.set_train(False)
-    load_state(unet, LazyRandomWeights(parameter_shapes(unet), "second-graph-benchmark"), "random weights")
-    add = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
-    size = float(8 * args.latent)
+    unet, config = random_unet(args.config, "second-graph-benchmark")
 
     def inputs(batch, seed):
-        rng = np.random.default_rng(seed)
-        return (
-            Tensor(rng.standard_normal((batch, config["in_channels"], args.latent, args.latent)).astype(np.float32)),
-            Tensor(np.array([500.0], np.float32)),
-            Tensor(rng.standard_normal((batch, 77, config["cross_attention_dim"])).astype(np.float32)),
-            Tensor(rng.standard_normal((batch, add)).astype(np.float32)),
-            Tensor(np.tile(np.array([[size, size, 0, 0, size, size]], np.float32), (batch, 1))),
-        )
+        return unet_inputs(config, args.latent, batch, seed)
 
     step = ms.jit(unet.construct)
     small, big = inputs(2, 1), inputs(args.big_batch, 0)
